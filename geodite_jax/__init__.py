@@ -1,0 +1,15 @@
+"""geodite_jax: Geodite, an O(3)-equivariant interatomic potential without tensor products, in JAX/Flax."""
+
+from .calculator import GeoditeCalculator, enable_float64
+from .config import GeoditeConfig
+from .graph import atoms_to_graph, batch_graphs, bucket, neighbour_list, padding_masks, validate_atoms
+from .model import Geodite, count_params, init_params
+from .potential import Potential, make_energy_fn, make_predict_fn
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Geodite", "GeoditeCalculator", "GeoditeConfig", "Potential", "atoms_to_graph", "batch_graphs", "bucket",
+    "count_params", "enable_float64", "init_params", "make_energy_fn", "make_predict_fn", "neighbour_list",
+    "padding_masks", "validate_atoms",
+]

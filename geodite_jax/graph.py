@@ -1,0 +1,200 @@
+"""Structures -> graphs: input validation, host-side neighbour search, batching with padding to buckets.
+
+A graph is a :class:`jraph.GraphsTuple` with
+
+* ``nodes = {"positions": [N, 3], "species": [N] int32}``
+* ``edges = {"shifts": [E, 3]}``: integer cell shifts (stored as floats) of the sender's image
+* ``globals = {"cell": [G, 3, 3]}``: rows are lattice vectors (zeros for a molecule)
+* ``senders``/``receivers`` ``[E]`` int32, ``n_node``/``n_edge`` ``[G]`` int32.
+
+Edge j -> i (sender j, receiver i) has the vector ``r_j + shifts @ cell − r_i``, computed on the device
+inside the differentiated function so that forces and stress see positions and cell. Edges are sorted by
+receiver. Batches always end with one padding graph that owns the padding nodes and edges (jraph's
+convention); padding edges join the first padding node to itself and are masked by the model wrapper.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jraph
+import numpy as np
+import vesin
+from ase import Atoms
+from ase.data import chemical_symbols
+
+from .elements import MAX_Z
+
+MIN_DISTANCE = 0.1  # Å: closer pairs are rejected as overlapping atoms
+
+
+def validate_atoms(atoms: Atoms, num_elements: int | None = None) -> None:
+    """Raise ``ValueError`` naming the problem if ``atoms`` cannot be evaluated.
+
+    Checks: at least one atom, known atomic numbers (1..118, and < ``num_elements`` if given), finite
+    positions and cell, a non-singular cell along periodic directions.
+    """
+    if len(atoms) == 0:
+        raise ValueError("empty structure: the Atoms object has no atoms")
+    numbers = np.asarray(atoms.numbers)
+    bad = np.flatnonzero((numbers < 1) | (numbers > MAX_Z))
+    if bad.size:
+        raise ValueError(f"unknown element: atomic number {int(numbers[bad[0]])} at atom {int(bad[0])} "
+                         f"(valid atomic numbers are 1..{MAX_Z})")
+    if num_elements is not None:
+        bad = np.flatnonzero(numbers >= num_elements)
+        if bad.size:
+            z = int(numbers[bad[0]])
+            raise ValueError(f"element {chemical_symbols[z]} (Z={z}) at atom {int(bad[0])} is not known to this "
+                             f"model, which covers Z=1..{num_elements - 1}")
+    positions = np.asarray(atoms.positions)
+    if not np.all(np.isfinite(positions)):
+        atom = int(np.flatnonzero(~np.isfinite(positions).all(1))[0])
+        raise ValueError(f"positions contain NaN or inf (atom {atom}: {positions[atom].tolist()})")
+    cell = np.asarray(atoms.cell.array)
+    if not np.all(np.isfinite(cell)):
+        raise ValueError(f"cell contains NaN or inf: {cell.tolist()}")
+    pbc = np.asarray(atoms.pbc, dtype=bool)
+    if pbc.any():
+        periodic = cell[pbc]
+        if np.linalg.matrix_rank(periodic, tol=1e-6) < periodic.shape[0] or (
+                pbc.all() and abs(np.linalg.det(cell)) < 1e-6):
+            raise ValueError(f"singular cell along the periodic directions {pbc.tolist()}: {cell.tolist()}")
+
+
+def neighbour_list(positions: np.ndarray, cell: np.ndarray, pbc: Sequence[bool],
+                   cutoff: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """All pairs closer than ``cutoff`` including periodic images (O(N), vesin), sorted by receiver.
+
+    Handles triclinic cells, mixed periodicity and cells smaller than the cutoff (an atom then sees
+    several images of one neighbour, and its own images). Only the zero-shift self pair is excluded.
+
+    Returns:
+        ``(receivers [E], senders [E], shifts [E, 3] int, distances [E])``.
+    """
+    pbc = np.asarray(pbc, dtype=bool)
+    box = np.array(cell, dtype=np.float64)
+    if not pbc.all():
+        box = _complete_cell(box, pbc, positions, cutoff)
+    nl = vesin.NeighborList(cutoff=float(cutoff), full_list=True)
+    i, j, shifts, d = nl.compute(np.asarray(positions, np.float64), box, pbc.tolist() if pbc.any() else False,
+                                 "ijSd")
+    order = np.lexsort((j, i))
+    return (i[order].astype(np.int32), j[order].astype(np.int32), shifts[order].astype(np.int64), d[order])
+
+
+def _complete_cell(cell: np.ndarray, pbc: np.ndarray, positions: np.ndarray, cutoff: float) -> np.ndarray:
+    """Replace the lattice vectors of non-periodic directions by long orthogonal ones (never used as shifts)."""
+    box = cell.copy()
+    extent = float(np.ptp(positions, axis=0).max()) + 2 * cutoff + 1.0 if len(positions) else 1.0
+    periodic = box[pbc]
+    for axis in np.flatnonzero(~pbc):
+        others = [box[k] for k in range(3) if k != axis and (pbc[k] or np.linalg.norm(box[k]) > 0)]
+        if len(others) == 2 and np.linalg.norm(np.cross(*others)) > 1e-9:
+            normal = np.cross(*others)
+        elif len(periodic):
+            trial = np.eye(3)[axis] - periodic @ np.linalg.pinv(periodic) @ np.eye(3)[axis]
+            normal = trial if np.linalg.norm(trial) > 1e-9 else np.eye(3)[axis]
+        else:
+            normal = np.eye(3)[axis]
+        box[axis] = normal / np.linalg.norm(normal) * extent
+        if np.linalg.matrix_rank(box, tol=1e-9) < 3:
+            box[axis] = np.eye(3)[axis] * extent
+    if abs(np.linalg.det(box)) < 1e-9:
+        box = np.eye(3) * extent
+        box[pbc] = cell[pbc]
+    return box
+
+
+def atoms_to_graph(atoms: Atoms, cutoff: float, num_elements: int | None = None,
+                   dtype: np.dtype | type = np.float32) -> jraph.GraphsTuple:
+    """One structure as a single (unpadded) graph, after :func:`validate_atoms` and an overlap check."""
+    validate_atoms(atoms, num_elements)
+    pbc = np.asarray(atoms.pbc, dtype=bool)
+    cell = np.asarray(atoms.cell.array, np.float64) if pbc.any() else np.zeros((3, 3))
+    positions = np.asarray(atoms.positions, np.float64)
+    receivers, senders, shifts, dist = neighbour_list(positions, cell, pbc, cutoff)
+    if dist.size and dist.min() < MIN_DISTANCE:
+        k = int(np.argmin(dist))
+        raise ValueError(f"overlapping atoms: atoms {int(receivers[k])} and {int(senders[k])} "
+                         f"(shift {shifts[k].tolist()}) are {dist[k]:.4f} Å apart, closer than {MIN_DISTANCE} Å")
+    return jraph.GraphsTuple(
+        nodes={"positions": positions.astype(dtype), "species": np.asarray(atoms.numbers, np.int32)},
+        edges={"shifts": shifts.astype(dtype)},
+        globals={"cell": cell[None].astype(dtype)},
+        senders=senders, receivers=receivers,
+        n_node=np.array([len(atoms)], np.int32), n_edge=np.array([len(senders)], np.int32),
+    )
+
+
+def bucket(n: int, minimum: int, multiple: int, growth: float = 1.25) -> int:
+    """Smallest size on the ladder ``minimum, ~minimum·growth, ...`` (multiples of ``multiple``) that holds ``n``.
+
+    Few distinct sizes means few jit compilations; the geometric ladder wastes at most ``growth − 1``.
+    """
+    size = max(minimum, multiple)
+    while size < n:
+        size = int(math.ceil(size * growth / multiple) * multiple)
+    return size
+
+
+def batch_graphs(graphs: Sequence[jraph.GraphsTuple], n_node: int | None = None, n_edge: int | None = None,
+                 n_graph: int | None = None) -> jraph.GraphsTuple:
+    """Concatenate graphs and pad to ``(n_node, n_edge, n_graph)`` (defaults: buckets of the totals).
+
+    The result always ends with at least one padding graph; the last one holds the ≥ 1 padding nodes
+    and the padding edges (which join the first padding node to itself with zero shift), any other
+    padding graphs are empty.
+    """
+    real_nodes = sum(int(g.n_node.sum()) for g in graphs)
+    real_edges = sum(int(g.n_edge.sum()) for g in graphs)
+    real_graphs = sum(len(g.n_node) for g in graphs)
+    n_node = bucket(real_nodes + 1, 8, 8) if n_node is None else n_node
+    n_edge = bucket(real_edges, 256, 64) if n_edge is None else n_edge
+    n_graph = real_graphs + 1 if n_graph is None else n_graph
+    if n_node < real_nodes + 1 or n_edge < real_edges or n_graph < real_graphs + 1:
+        raise ValueError(f"batch of {real_graphs} graphs, {real_nodes} nodes, {real_edges} edges does not fit the "
+                         f"padding budget ({n_graph} graphs incl. 1 padding, {n_node} nodes incl. ≥1 padding, "
+                         f"{n_edge} edges)")
+    dtype = graphs[0].nodes["positions"].dtype
+    positions = np.zeros((n_node, 3), dtype)
+    species = np.zeros(n_node, np.int32)
+    shifts = np.zeros((n_edge, 3), dtype)
+    senders = np.full(n_edge, real_nodes, np.int32)
+    receivers = np.full(n_edge, real_nodes, np.int32)
+    cells = np.zeros((n_graph, 3, 3), dtype)
+    nn = np.zeros(n_graph, np.int32)
+    ne = np.zeros(n_graph, np.int32)
+    node_off = edge_off = graph_off = 0
+    for g in graphs:
+        a, b, c = int(g.n_node.sum()), int(g.n_edge.sum()), len(g.n_node)
+        positions[node_off:node_off + a] = g.nodes["positions"]
+        species[node_off:node_off + a] = g.nodes["species"]
+        shifts[edge_off:edge_off + b] = g.edges["shifts"]
+        senders[edge_off:edge_off + b] = g.senders + node_off
+        receivers[edge_off:edge_off + b] = g.receivers + node_off
+        cells[graph_off:graph_off + c] = g.globals["cell"]
+        nn[graph_off:graph_off + c] = g.n_node
+        ne[graph_off:graph_off + c] = g.n_edge
+        node_off, edge_off, graph_off = node_off + a, edge_off + b, graph_off + c
+    nn[-1] = n_node - real_nodes  # padding nodes and edges belong to the last graph; others stay empty
+    ne[-1] = n_edge - real_edges
+    return jraph.GraphsTuple(nodes={"positions": positions, "species": species}, edges={"shifts": shifts},
+                             globals={"cell": cells}, senders=senders, receivers=receivers, n_node=nn, n_edge=ne)
+
+
+def padding_masks(graph: jraph.GraphsTuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(node_mask [N], edge_mask [E], graph_mask [G])``: True for real entries.
+
+    The last graph holds all padding nodes and edges; other padding graphs are empty (a real graph
+    never is).
+
+    Works on numpy and on traced jax arrays (shapes are static).
+    """
+    xp = np if isinstance(graph.n_node, np.ndarray) else __import__("jax").numpy
+    n_nodes, n_edges, n_graphs = graph.nodes["species"].shape[0], graph.senders.shape[0], graph.n_node.shape[0]
+    node_mask = xp.arange(n_nodes) < graph.n_node[:-1].sum()
+    edge_mask = xp.arange(n_edges) < graph.n_edge[:-1].sum()
+    graph_mask = (xp.arange(n_graphs) < n_graphs - 1) & (graph.n_node > 0)
+    return node_mask, edge_mask, graph_mask

@@ -1,0 +1,297 @@
+"""The Geodite network (Flax): edge vectors and species in, per-atom energies out.
+
+No Clebsch-Gordan tensor product: steerable features X [N, 8, F] (L=1 rows 0-2, L=2 rows 3-7) are only
+gated by invariants, mixed across channels identically on every row of a degree, added to invariant
+multiples of the edge harmonics, projected off the edge direction and contracted by inner products.
+All dense maps are bias-free, which the vacuum prior and the smoothness at the cutoff rely on.
+Symbols follow the design note (``docs/geodite_paper.md``), §3.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import GeoditeConfig
+from .elements import COVALENT_RADII
+from .priors import ZBL_CODE, ZBL_UNIVERSAL, soft_neighbour_count, zbl_pair_energy
+from .radial import bessel_basis, distance_weighting, polynomial_envelope
+from .spherical import L1, L2, spherical_harmonics
+
+xavier = nn.initializers.xavier_uniform()
+# Degree weights 1/(2L+1) of the joint RMS norm, rounded to float32 (also in float64 mode): the reference
+# implementation holds them in a float32 buffer, so converted checkpoints reproduce it exactly.
+_INV_3 = float(np.float32(1.0 / 3.0))
+_INV_5 = float(np.float32(1.0 / 5.0))
+
+
+def _segment_sum(data: jnp.ndarray, ids: jnp.ndarray, n: int, is_sorted: bool) -> jnp.ndarray:
+    return jax.ops.segment_sum(data, ids, n, indices_are_sorted=is_sorted)
+
+
+class EdgeGeometry(nn.Module):
+    """Edge harmonics and radial embedding φ = Bessel(r) · s(r/ρ0) · u_p(r/r_c)."""
+
+    config: GeoditeConfig
+
+    @nn.compact
+    def __call__(self, vectors: jnp.ndarray, species: jnp.ndarray, senders: jnp.ndarray,
+                 receivers: jnp.ndarray) -> tuple[jnp.ndarray, ...]:
+        """``vectors [E, 3]`` (r_j − r_i, all > 0 in length) -> ``(r [E], sh [E, 8], phi [E, K], rcov_sum [E])``."""
+        cfg = self.config
+        r = jnp.sqrt(jnp.sum(vectors**2, axis=-1))
+        sh = spherical_harmonics(vectors / r[:, None])
+        radii = jnp.asarray(COVALENT_RADII, dtype=vectors.dtype)
+        rcov_sum = radii[species[receivers]] + radii[species[senders]]
+        radial = polynomial_envelope(r / cfg.cutoff, cfg.envelope_p)
+        if cfg.distance_weighting:
+            theta_kappa = self.param("theta_kappa", nn.initializers.constant(-15.2013), ())
+            theta_lambda = self.param("theta_lambda", nn.initializers.constant(3.2139), ())
+            radial = radial * distance_weighting(r / rcov_sum, theta_kappa, theta_lambda)
+        phi = bessel_basis(r, cfg.cutoff, cfg.num_rbf) * radial[:, None]
+        return r, sh, phi, rcov_sum
+
+
+class NodeInit(nn.Module):
+    """Neighbour-aware initial invariants h0 [N, F] and edge features t0 [E, F] (§3.4-3.5)."""
+
+    config: GeoditeConfig
+
+    @nn.compact
+    def __call__(self, species: jnp.ndarray, phi: jnp.ndarray, senders: jnp.ndarray, receivers: jnp.ndarray,
+                 sorted_receivers: bool) -> tuple[jnp.ndarray, jnp.ndarray]:
+        cfg = self.config
+        f, k, n = cfg.num_features, cfg.num_rbf, species.shape[0]
+
+        def embed_init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+            return jax.random.normal(key, shape, dtype).at[0].set(0.0)  # row 0 is padding
+
+        embed_self = self.param("embed_self", embed_init, (cfg.num_elements, f))
+        embed_nbr = self.param("embed_nbr", nn.initializers.normal(1.0), (cfg.num_elements, f))
+        w_phi = self.param("W_phi", xavier, (k, f))
+        w_density = self.param("w_density", xavier, (k, 1))[:, 0]
+        w_1 = self.param("W_1", xavier, (2 * f, f))
+        w_2 = self.param("W_2", xavier, (f, f))
+        w_e = self.param("W_e", xavier, (k, f))
+        dtype = phi.dtype
+
+        m = _segment_sum(embed_nbr.astype(dtype)[species[senders]] * (phi @ w_phi), receivers, n, sorted_receivers)
+        rho = soft_neighbour_count(phi, w_density, receivers, n, sorted_receivers)
+        x = jnp.concatenate([embed_self.astype(dtype)[species], m / (1.0 + rho)[:, None]], axis=-1)
+        h = jax.nn.silu(x @ w_1) @ w_2
+        t = (h[receivers] + h[senders]) * (phi @ w_e)
+        return h, t
+
+
+class Interaction(nn.Module):
+    """Joint RMS norm, attention + spatial filter messages, density-normalised update, edge refinement.
+
+    §3.6-3.7. ``last`` layers have no edge refinement (and no such weights).
+    """
+
+    config: GeoditeConfig
+    last: bool
+
+    @nn.compact
+    def __call__(self, h: jnp.ndarray, x_st: jnp.ndarray, t: jnp.ndarray, sh: jnp.ndarray, phi: jnp.ndarray,
+                 senders: jnp.ndarray, receivers: jnp.ndarray, sorted_receivers: bool,
+                 deterministic: bool) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+        """``h [N, F], x_st [N, 8, F], t [E, F], sh [E, 8], phi [E, K]`` -> updated ``(h, x_st, t)``."""
+        cfg = self.config
+        f, heads, n, e = cfg.num_features, cfg.num_heads, h.shape[0], t.shape[0]
+        p = lambda name, shape: self.param(name, xavier, shape)  # noqa: E731
+        norm_scale = self.param("norm_scale", nn.initializers.ones, (3, f))  # γ0, γ1, γ2
+        w_q, w_k, w_x1, w_v1 = p("W_q", (f, f)), p("W_k", (f, f)), p("W_x1", (f, f)), p("W_v1", (f, f))
+        w_x2, w_v2 = p("W_x2", (f, 3 * f)), p("W_v2", (f, 3 * f))
+        w_a, w_f = p("W_a", (f, f)), p("W_f", (f, 3 * f))
+        w_density = p("w_density", (cfg.num_rbf, 1))[:, 0]
+        edge_maps = [w_a, w_f]
+        if not self.last:
+            w_t1 = p("W_t1", (f, cfg.edge_mlp_features))
+            edge_maps.append(w_t1)
+
+        # 1. Joint RMS norm of (h, X); the residual stream continues from the normalised features.
+        nu = h**2 + (x_st[:, L1] ** 2).sum(1) * _INV_3 + (x_st[:, L2] ** 2).sum(1) * _INV_5
+        g = jax.lax.rsqrt(nu.mean(-1, keepdims=True) + cfg.norm_eps)
+        h = norm_scale[0] * g * h
+        x_st = jnp.concatenate([(norm_scale[1] * g)[:, None] * x_st[:, L1],
+                                (norm_scale[2] * g)[:, None] * x_st[:, L2]], axis=1)
+
+        # 2-3. Node and edge projections, each fused into one matmul.
+        q, k, hx, hv = jnp.split(h @ jnp.concatenate([w_q, w_k, w_x1, w_v1], 1), 4, axis=-1)
+        vx = jnp.concatenate([jax.nn.silu(hv) @ w_v2, jax.nn.silu(hx) @ w_x2], axis=-1)  # [N, 6F]
+        te = t @ jnp.concatenate(edge_maps, axis=1)
+        a, filt = jax.nn.silu(te[:, :f]), te[:, f:4 * f]
+
+        # 4. Attention without softmax: a neighbour crossing r_c changes no other weight.
+        qka = (q[receivers] * k[senders] * a).reshape(e, heads, f // heads).sum(-1)
+        alpha = jax.nn.silu(qka) / math.sqrt(f)
+        alpha = nn.Dropout(cfg.attention_dropout)(alpha, deterministic=deterministic)
+
+        # 5-6. Values attended per head (contiguous 3F/H blocks), plus the spatial filter.
+        vx_j = vx[senders]
+        v_j, x_j = vx_j[:, :3 * f], vx_j[:, 3 * f:]
+        o = (v_j.reshape(e, heads, 3 * f // heads) * alpha[:, :, None]).reshape(e, 3 * f) + filt * x_j
+        o_s, o_d, o_x = o[:, :f], o[:, f:2 * f], o[:, 2 * f:]
+
+        # 7-8. Messages, density-normalised aggregation.
+        msg_x = o_d[:, None, :] * sh[:, :, None] + o_x[:, None, :] * x_st[senders]
+        inv_density = 1.0 / (1.0 + soft_neighbour_count(phi / cfg.num_rbf, w_density, receivers, n,
+                                                         sorted_receivers))
+        h = h + _segment_sum(o_s, receivers, n, sorted_receivers) * inv_density[:, None]
+        x_st = x_st + _segment_sum(msg_x, receivers, n, sorted_receivers) * inv_density[:, None, None]
+
+        if not self.last:
+            t = t + self._edge_update(te[:, 4 * f:], x_st, t, sh, senders, receivers)
+        return h, x_st, t
+
+    def _edge_update(self, t_hidden: jnp.ndarray, x_st: jnp.ndarray, t: jnp.ndarray, sh: jnp.ndarray,
+                     senders: jnp.ndarray, receivers: jnp.ndarray) -> jnp.ndarray:
+        """Δt_ij from inner products of receiver and sender steerables with the edge direction projected out."""
+        cfg = self.config
+        f, fe = cfg.num_features, cfg.edge_features
+        p = lambda name, shape: self.param(name, xavier, shape)  # noqa: E731
+        w_t2 = p("W_t2", (cfg.edge_mlp_features, f))
+        w_qv, w_k1, w_k2 = p("W_Q", (f, fe)), p("W_K1", (f, fe)), p("W_K2", (f, fe))
+        ln_scale = self.param("ln_scale", nn.initializers.ones, (fe,))
+        ln_bias = self.param("ln_bias", nn.initializers.zeros, (fe,))
+        w_w = p("W_w", (fe, f))
+
+        q_i = (x_st @ w_qv)[receivers]  # [E, 8, Fe]
+        k_j = jnp.concatenate([x_st[:, L1] @ w_k1, x_st[:, L2] @ w_k2], axis=1)[senders]
+        # Q⊥·K⊥ = Q·K − (Y·Q)(Y·K) per degree, since |Y^l| = 1.
+        s_q = sh[:, :, None] * q_i
+        s_k = sh[:, :, None] * k_j
+        w = ((q_i * k_j).sum(1) - s_q[:, L1].sum(1) * s_k[:, L1].sum(1) - s_q[:, L2].sum(1) * s_k[:, L2].sum(1))
+        mean = w.mean(-1, keepdims=True)
+        var = ((w - mean) ** 2).mean(-1, keepdims=True)
+        w = (w - mean) * jax.lax.rsqrt(var + 1e-5) * ln_scale + ln_bias
+        return jax.nn.silu(jax.nn.silu(t_hidden) @ w_t2) * (w @ w_w)
+
+
+class Coupling(nn.Module):
+    """Equivariant coupling: steerable norms feed the invariants, invariants gate the steerables (§3.8)."""
+
+    config: GeoditeConfig
+
+    @nn.compact
+    def __call__(self, h: jnp.ndarray, x_st: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+        f = self.config.num_features
+        w_u = self.param("W_u", xavier, (f, f))
+        w_c1 = self.param("W_c1", xavier, (2 * f, f))
+        w_c2 = self.param("W_c2", xavier, (f, 2 * f))
+        x_mixed = x_st @ w_u
+        sq_norm = (x_mixed**2).sum(1)  # no square root: smooth (and NaN-free) at X = 0
+        dh, dg = jnp.split(jax.nn.silu(jnp.concatenate([h, sq_norm], -1) @ w_c1) @ w_c2, 2, axis=-1)
+        return h + dh, x_st + dg[:, None, :] * x_mixed
+
+
+class Layer(nn.Module):
+    """One interaction followed by its coupling block."""
+
+    config: GeoditeConfig
+    last: bool
+
+    @nn.compact
+    def __call__(self, h: jnp.ndarray, x_st: jnp.ndarray, t: jnp.ndarray, sh: jnp.ndarray, phi: jnp.ndarray,
+                 senders: jnp.ndarray, receivers: jnp.ndarray, sorted_receivers: bool,
+                 deterministic: bool) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+        h, x_st, t = Interaction(self.config, self.last, name="interaction")(
+            h, x_st, t, sh, phi, senders, receivers, sorted_receivers, deterministic)
+        h, x_st = Coupling(self.config, name="coupling")(h, x_st)
+        return h, x_st, t
+
+
+class Geodite(nn.Module):
+    """Per-atom energies (before E0 and the energy scale) from edge vectors.
+
+    Call: ``model.apply(params, vectors [E, 3], species [N], senders [E], receivers [E])`` returns
+    ``{"nn": [N], "zbl": [N], "nn_per_layer": [N, T]}``; the atom energy is
+    ``E0[Z] + s_E (nn + zbl)``. Edge j -> i carries ``vectors = r_j + shift·cell − r_i``; every vector
+    must have a positive length (pad with vectors longer than the cutoff: they contribute exactly 0).
+    """
+
+    config: GeoditeConfig
+
+    def setup(self) -> None:
+        cfg = self.config
+        self.geometry = EdgeGeometry(cfg)
+        self.node_init = NodeInit(cfg)
+        layer_cls = nn.remat(Layer, static_argnums=(7, 8)) if cfg.remat else Layer
+        self.layers = [layer_cls(cfg, last=(i == cfg.num_layers - 1)) for i in range(cfg.num_layers)]
+        # One bias-free Linear(F, 1) per layer, Xavier-uniform as in the reference (fan_in F, fan_out 1).
+        readout_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=-1, out_axis=-2)
+        self.readout = self.param("readout", readout_init, (cfg.num_layers, cfg.num_features))
+        if cfg.zbl:
+            init = ZBL_UNIVERSAL if cfg.zbl_init == "universal" else ZBL_CODE
+            const = lambda v: (lambda key, shape=(), dtype=jnp.float32: jnp.asarray(v, dtype))  # noqa: E731
+            self.zbl_alpha = self.param("zbl_alpha", const(init["alpha"]))
+            self.zbl_beta = self.param("zbl_beta", const(init["beta"]))
+            self.zbl_coefs = self.param("zbl_coefs", const(init["coefs"]))
+            self.zbl_exps = self.param("zbl_exps", const(init["exps"]))
+
+    def _encode(self, species: jnp.ndarray, sh: jnp.ndarray, phi: jnp.ndarray, senders: jnp.ndarray,
+                receivers: jnp.ndarray, sorted_receivers: bool, deterministic: bool) -> jnp.ndarray:
+        """Per-layer readout energies ``[N, T]`` (a_ℓ · h_i^(ℓ))."""
+        cfg = self.config
+        h, t = self.node_init(species, phi, senders, receivers, sorted_receivers)
+        x_st = jnp.zeros((h.shape[0], 8, cfg.num_features), h.dtype)
+        per_layer = []
+        for i, layer in enumerate(self.layers):
+            h, x_st, t = layer(h, x_st, t, sh, phi, senders, receivers, sorted_receivers, deterministic)
+            per_layer.append(h @ self.readout[i].astype(h.dtype))
+        return jnp.stack(per_layer, axis=-1)
+
+    def vacuum_energies(self, dtype: Any = jnp.float32) -> jnp.ndarray:
+        """Per-layer readout of every element as an isolated atom, ``[num_elements, T]``.
+
+        The same layers run on an edgeless graph; subtracting this makes E_i = E0(Z_i) for an atom
+        with no neighbour, whatever the weights.
+        """
+        cfg = self.config
+        species = jnp.arange(cfg.num_elements, dtype=jnp.int32)
+        none = jnp.zeros((0,), jnp.int32)
+        return self._encode(species, jnp.zeros((0, 8), dtype), jnp.zeros((0, cfg.num_rbf), dtype), none, none,
+                            True, True)
+
+    def __call__(self, vectors: jnp.ndarray, species: jnp.ndarray, senders: jnp.ndarray, receivers: jnp.ndarray,
+                 *, vacuum: jnp.ndarray | None = None, sorted_receivers: bool = False,
+                 deterministic: bool = True) -> dict[str, jnp.ndarray]:
+        """See the class docstring. ``vacuum``: a precomputed :meth:`vacuum_energies` table (inference)."""
+        cfg = self.config
+        n = species.shape[0]
+        r, sh, phi, rcov_sum = self.geometry(vectors, species, senders, receivers)
+        per_layer = self._encode(species, sh, phi, senders, receivers, sorted_receivers, deterministic)
+        if cfg.vacuum:
+            if vacuum is None:
+                vacuum = self.vacuum_energies(vectors.dtype)
+            per_layer = per_layer - vacuum.astype(per_layer.dtype)[species]
+        out = {"nn_per_layer": per_layer, "nn": per_layer.sum(-1)}
+        if cfg.zbl:
+            z = species.astype(vectors.dtype)
+            z = jnp.where(z > 0, z, 1.0)  # padding nodes: keep Z^β differentiable
+            pair = zbl_pair_energy(r, z[receivers], z[senders], rcov_sum, self.zbl_alpha, self.zbl_beta,
+                                   self.zbl_coefs, self.zbl_exps)
+            out["zbl"] = 0.5 * _segment_sum(pair, receivers, n, sorted_receivers)
+        else:
+            out["zbl"] = jnp.zeros((n,), vectors.dtype)
+        return out
+
+
+def init_params(config: GeoditeConfig, seed: int = 0) -> dict[str, Any]:
+    """Fresh parameters (float32) for ``config``, initialised as the authors' code does."""
+    model = Geodite(config)
+    vectors = jnp.asarray(np.array([[1.5, 0.0, 0.0], [-1.5, 0.0, 0.0]]), jnp.float32)
+    species = jnp.asarray([1, 1], jnp.int32)
+    idx = jnp.asarray([0, 1], jnp.int32)
+    return model.init(jax.random.PRNGKey(seed), vectors, species, idx, idx[::-1])
+
+
+def count_params(params: Any) -> int:
+    """Number of scalar parameters in a pytree."""
+    return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params)))

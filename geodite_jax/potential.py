@@ -1,0 +1,253 @@
+"""The potential bundle (config + parameters + element reference energies + energy scale) and its outputs.
+
+Energy of atom i: E_i = E0(Z_i) + s_E · (E_i^NN + E_i^ZBL). Forces F = −∂E/∂r and stress
+σ = (1/V) ∂E/∂ε (symmetric strain ε applied to positions and cell; ASE's sign convention, eV/Å³) come
+from one jit-compiled autodiff pass, so they are conservative.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import jraph
+import numpy as np
+
+from .config import GeoditeConfig
+from .elements import MAX_Z, mptrj_element_energies
+from .graph import padding_masks
+from .model import Geodite, count_params, init_params
+from .priors import ZBL_UNIVERSAL
+
+FORMAT_VERSION = 1
+_META_FILE = "geodite.json"
+_PARAMS_DIR = "params"
+
+
+def _as_dtype(tree: Any, dtype: Any) -> Any:
+    return jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype) if jnp.issubdtype(jnp.asarray(x).dtype,
+                                                                                    jnp.floating) else x, tree)
+
+
+def _as_numpy_float32(tree: Any) -> Any:
+    return jax.tree_util.tree_map(
+        lambda x: np.asarray(x, np.float32) if np.issubdtype(np.asarray(x).dtype, np.floating) else np.asarray(x),
+        tree)
+
+
+def edge_vectors(positions: jnp.ndarray, cell: jnp.ndarray, graph: jraph.GraphsTuple) -> jnp.ndarray:
+    """``r_j + shifts @ cell_g − r_i`` for every edge, ``[E, 3]`` (``cell`` is ``[G, 3, 3]``)."""
+    edge_graph = jnp.repeat(jnp.arange(graph.n_edge.shape[0]), graph.n_edge, total_repeat_length=graph.senders.shape[0])
+    offsets = jnp.einsum("ek,ekl->el", graph.edges["shifts"], cell[edge_graph])
+    return positions[graph.senders] - positions[graph.receivers] + offsets
+
+
+def make_energy_fn(config: GeoditeConfig, sorted_receivers: bool = True) -> Callable[..., tuple[jnp.ndarray, dict]]:
+    """``fn(state, positions, cell, graph, vacuum=None) -> (E_total, aux)``, differentiable in positions and cell.
+
+    ``state = {"params", "element_energies" [119], "energy_scale"}``. ``aux`` holds ``node_energies [N]``
+    (zero on padding), ``energy [G]`` and the unscaled components. Padding edges get a dummy vector
+    longer than the cutoff (exactly zero contribution, finite gradients).
+    """
+    model = Geodite(config)
+    pad_vector = np.array([2.0 * config.cutoff + 1.0, 0.0, 0.0])
+
+    def fn(state: dict, positions: jnp.ndarray, cell: jnp.ndarray, graph: jraph.GraphsTuple,
+           vacuum: jnp.ndarray | None = None) -> tuple[jnp.ndarray, dict]:
+        node_mask, edge_mask, _ = padding_masks(graph)
+        vectors = edge_vectors(positions, cell, graph)
+        vectors = jnp.where(edge_mask[:, None], vectors, pad_vector.astype(vectors.dtype))
+        species = graph.nodes["species"]
+        out = model.apply(state["params"], vectors, species, graph.senders, graph.receivers, vacuum=vacuum,
+                          sorted_receivers=sorted_receivers)
+        e0 = jnp.asarray(state["element_energies"], vectors.dtype)[species]
+        node_energies = e0 + state["energy_scale"] * (out["nn"] + out["zbl"])
+        node_energies = jnp.where(node_mask, node_energies, 0.0)
+        n_graph = graph.n_node.shape[0]
+        node_graph = jnp.repeat(jnp.arange(n_graph), graph.n_node, total_repeat_length=species.shape[0])
+        energy = jax.ops.segment_sum(node_energies, node_graph, n_graph, indices_are_sorted=True)
+        aux = {"node_energies": node_energies, "energy": energy, "nn": out["nn"], "zbl": out["zbl"],
+               "nn_per_layer": out["nn_per_layer"]}
+        return node_energies.sum(), aux
+
+    return fn
+
+
+def make_predict_fn(config: GeoditeConfig, sorted_receivers: bool = True) -> Callable[..., dict[str, jnp.ndarray]]:
+    """``predict(state, graph, vacuum=None) -> {"energy" [G], "forces" [N,3], "stress" [G,3,3], ...}``.
+
+    One autodiff pass gives forces and the strain derivative; stress is σ = (1/V) ∂E/∂ε (ASE sign, eV/Å³),
+    NaN for graphs without volume (molecules). Not jitted: wrap it in ``jax.jit``.
+    """
+    energy_fn = make_energy_fn(config, sorted_receivers)
+
+    def predict(state: dict, graph: jraph.GraphsTuple, vacuum: jnp.ndarray | None = None) -> dict[str, jnp.ndarray]:
+        positions, cell = graph.nodes["positions"], graph.globals["cell"]
+        n_graph, n_node = cell.shape[0], positions.shape[0]
+        node_graph = jnp.repeat(jnp.arange(n_graph), graph.n_node, total_repeat_length=n_node)
+
+        def strained_energy(pos: jnp.ndarray, strain: jnp.ndarray) -> tuple[jnp.ndarray, dict]:
+            sym = 0.5 * (strain + jnp.swapaxes(strain, 1, 2))
+            deform = jnp.eye(3, dtype=pos.dtype) + sym
+            pos = jnp.einsum("ni,nij->nj", pos, deform[node_graph])
+            return energy_fn(state, pos, cell @ deform, graph, vacuum)
+
+        strain = jnp.zeros((n_graph, 3, 3), positions.dtype)
+        (_, aux), (grad_pos, virial) = jax.value_and_grad(strained_energy, argnums=(0, 1), has_aux=True)(
+            positions, strain)
+        node_mask, _, _ = padding_masks(graph)
+        volume = jnp.abs(jnp.linalg.det(cell))
+        safe_volume = jnp.where(volume > 0, volume, 1.0)
+        stress = jnp.where((volume > 0)[:, None, None], virial / safe_volume[:, None, None], jnp.nan)
+        return {"energy": aux["energy"], "forces": jnp.where(node_mask[:, None], -grad_pos, 0.0),
+                "stress": stress, "node_energies": aux["node_energies"], "virial": virial,
+                "nn_per_layer": aux["nn_per_layer"], "nn": aux["nn"], "zbl": aux["zbl"]}
+
+    return predict
+
+
+class Potential:
+    """A Geodite potential: ``config``, ``params`` and the data-derived ``element_energies`` and ``energy_scale``.
+
+    >>> pot = Potential.init(GeoditeConfig.preset("tiny"), seed=0)
+    >>> pot.save("my_model"); pot = Potential.load("my_model")
+    """
+
+    def __init__(self, config: GeoditeConfig, params: Any, element_energies: np.ndarray | None = None,
+                 energy_scale: float = 1.0, metadata: dict[str, Any] | None = None) -> None:
+        self.config = config
+        self.params = _as_numpy_float32(params)  # stored in float32; cast per evaluation (see state())
+        e0 = np.zeros(MAX_Z + 1) if element_energies is None else np.asarray(element_energies, np.float64)
+        if e0.shape != (MAX_Z + 1,) or not np.all(np.isfinite(e0)):
+            raise ValueError(f"element_energies must be {MAX_Z + 1} finite numbers indexed by atomic number, "
+                             f"got shape {e0.shape}")
+        if not (np.isfinite(energy_scale) and energy_scale > 0):
+            raise ValueError(f"energy_scale must be a positive number, got {energy_scale}")
+        self.element_energies = e0
+        self.energy_scale = float(energy_scale)
+        self.metadata = dict(metadata or {})
+        self._check_params()
+
+    @classmethod
+    def init(cls, config: GeoditeConfig, seed: int = 0, element_energies: np.ndarray | str | None = None,
+             energy_scale: float | None = None) -> Potential:
+        """Freshly initialised (untrained) potential.
+
+        ``element_energies="mptrj"`` takes Geodite-MP's isolated-atom energies (and its energy scale
+        unless ``energy_scale`` is given); an array gives your own ([119], eV, indexed by Z).
+        """
+        from .elements import MPTRJ_ENERGY_SCALE
+
+        if isinstance(element_energies, str):
+            if element_energies != "mptrj":
+                raise ValueError(f"unknown element energy table {element_energies!r}; known: 'mptrj'")
+            element_energies = mptrj_element_energies()
+            energy_scale = MPTRJ_ENERGY_SCALE if energy_scale is None else energy_scale
+        energy_scale = 1.0 if energy_scale is None else float(energy_scale)
+        params = init_params(config, seed)
+        if config.zbl and config.zbl_init == "universal":
+            # s_E multiplies (E_NN + E_ZBL): start from s_E · V = universal ZBL.
+            coefs = np.asarray(ZBL_UNIVERSAL["coefs"]) / energy_scale
+            params = jax.tree_util.tree_map(lambda x: x, params)
+            params["params"]["zbl_coefs"] = np.asarray(coefs, np.float32)
+        return cls(config, params, element_energies, energy_scale, {"seed": seed})
+
+    @classmethod
+    def from_reference_checkpoint(cls, path: str | os.PathLike, fidelity: str | None = None) -> Potential:
+        """Convert a checkpoint of the authors' PyTorch implementation (needs torch; see :mod:`geodite_jax.convert`)."""
+        from .convert import potential_from_reference_checkpoint
+
+        return potential_from_reference_checkpoint(path, fidelity)
+
+    @property
+    def model(self) -> Geodite:
+        return Geodite(self.config)
+
+    @property
+    def num_params(self) -> int:
+        return count_params(self.params)
+
+    def state(self, dtype: Any = jnp.float32) -> dict[str, Any]:
+        """The pytree the energy functions take: params, element energies and scale cast to ``dtype``."""
+        return {"params": _as_dtype(self.params, dtype), "element_energies": jnp.asarray(self.element_energies, dtype),
+                "energy_scale": jnp.asarray(self.energy_scale, dtype)}
+
+    def vacuum_energies(self, dtype: Any = jnp.float32) -> jnp.ndarray:
+        """Per-layer isolated-atom readouts ``[num_elements, T]`` (fixed while the parameters are)."""
+        return self.model.apply(_as_dtype(self.params, dtype), dtype, method=Geodite.vacuum_energies)
+
+    def _check_params(self) -> None:
+        expected = jax.eval_shape(lambda: init_params(self.config, 0))
+        exp_flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(expected)}
+        got_flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(self.params)}
+        missing, extra = sorted(set(exp_flat) - set(got_flat)), sorted(set(got_flat) - set(exp_flat))
+        if missing or extra:
+            raise ValueError(f"parameters do not fit the config: missing {missing[:5]}, unexpected {extra[:5]}")
+        for key, spec in exp_flat.items():
+            if tuple(np.shape(got_flat[key])) != tuple(spec.shape):
+                raise ValueError(f"parameter {key} has shape {tuple(np.shape(got_flat[key]))}, but the config "
+                                 f"needs {tuple(spec.shape)}")
+
+    # ----------------------------------------------------------------------------------- persistence
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the bundle to directory ``path`` atomically (a temporary sibling renamed into place)."""
+        import orbax.checkpoint as ocp
+
+        path = Path(path).absolute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        try:
+            meta = {"format_version": FORMAT_VERSION, "kind": "geodite_jax.Potential",
+                    "config": self.config.to_dict(), "element_energies": self.element_energies.tolist(),
+                    "energy_scale": self.energy_scale, "num_params": self.num_params, "metadata": self.metadata}
+            with ocp.StandardCheckpointer() as ckpt:
+                ckpt.save(tmp / _PARAMS_DIR, jax.tree_util.tree_map(np.asarray, self.params))
+                ckpt.wait_until_finished()
+            (tmp / _META_FILE).write_text(json.dumps(meta, indent=1))
+            if path.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+                os.replace(path, old / "x")
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, config: GeoditeConfig | None = None) -> Potential:
+        """Read a bundle written by :meth:`save`. ``config``, if given, must equal the stored one."""
+        import orbax.checkpoint as ocp
+
+        path = Path(path).absolute()
+        meta_file = path / _META_FILE
+        if not meta_file.is_file():
+            raise ValueError(f"{path} is not a geodite_jax potential: {_META_FILE} is missing")
+        try:
+            meta = json.loads(meta_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{meta_file} is corrupt: {err}") from None
+        version = meta.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(f"{path} has format version {version!r}; this geodite_jax reads version {FORMAT_VERSION}")
+        stored = GeoditeConfig.from_dict(meta["config"])
+        if config is not None and config != stored:
+            diff = {k: (v, getattr(stored, k)) for k, v in config.to_dict().items() if getattr(stored, k) != v}
+            raise ValueError(f"the given config does not fit the checkpoint at {path}: (given, stored) = {diff}")
+        target = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype),
+                                        jax.eval_shape(lambda: init_params(stored, 0)))
+        try:
+            with ocp.StandardCheckpointer() as ckpt:
+                params = ckpt.restore(path / _PARAMS_DIR, target)
+        except Exception as err:  # orbax raises many types for a damaged directory
+            raise ValueError(f"cannot read the parameters of {path}: {type(err).__name__}: {err}") from None
+        params = jax.tree_util.tree_map(np.asarray, params)
+        return cls(stored, params, np.asarray(meta["element_energies"]), meta["energy_scale"], meta.get("metadata"))
