@@ -23,7 +23,8 @@ from .priors import ZBL_CODE, ZBL_UNIVERSAL, soft_neighbour_count, zbl_pair_ener
 from .radial import bessel_basis, distance_weighting, polynomial_envelope
 from .spherical import L1, L2, spherical_harmonics
 
-xavier = nn.initializers.xavier_uniform()
+# Initialisers draw in float32 explicitly: the same seed gives the same weights with or without x64.
+xavier = nn.initializers.xavier_uniform(dtype=jnp.float32)
 # Degree weights 1/(2L+1) of the joint RMS norm, rounded to float32 (also in float64 mode): the reference
 # implementation holds them in a float32 buffer, so converted checkpoints reproduce it exactly.
 _INV_3 = float(np.float32(1.0 / 3.0))
@@ -50,8 +51,8 @@ class EdgeGeometry(nn.Module):
         rcov_sum = radii[species[receivers]] + radii[species[senders]]
         radial = polynomial_envelope(r / cfg.cutoff, cfg.envelope_p)
         if cfg.distance_weighting:
-            theta_kappa = self.param("theta_kappa", nn.initializers.constant(-15.2013), ())
-            theta_lambda = self.param("theta_lambda", nn.initializers.constant(3.2139), ())
+            theta_kappa = self.param("theta_kappa", nn.initializers.constant(-15.2013, dtype=jnp.float32), ())
+            theta_lambda = self.param("theta_lambda", nn.initializers.constant(3.2139, dtype=jnp.float32), ())
             radial = radial * distance_weighting(r / rcov_sum, theta_kappa, theta_lambda)
         phi = bessel_basis(r, cfg.cutoff, cfg.num_rbf) * radial[:, None]
         return r, sh, phi, rcov_sum
@@ -72,7 +73,7 @@ class NodeInit(nn.Module):
             return jax.random.normal(key, shape, dtype).at[0].set(0.0)  # row 0 is padding
 
         embed_self = self.param("embed_self", embed_init, (cfg.num_elements, f))
-        embed_nbr = self.param("embed_nbr", nn.initializers.normal(1.0), (cfg.num_elements, f))
+        embed_nbr = self.param("embed_nbr", nn.initializers.normal(1.0, dtype=jnp.float32), (cfg.num_elements, f))
         w_phi = self.param("W_phi", xavier, (k, f))
         w_density = self.param("w_density", xavier, (k, 1))[:, 0]
         w_1 = self.param("W_1", xavier, (2 * f, f))
@@ -222,10 +223,11 @@ class Geodite(nn.Module):
         cfg = self.config
         self.geometry = EdgeGeometry(cfg)
         self.node_init = NodeInit(cfg)
-        layer_cls = nn.remat(Layer, static_argnums=(7, 8)) if cfg.remat else Layer
+        layer_cls = nn.remat(Layer, static_argnums=(8, 9))  # counted with self if cfg.remat else Layer
         self.layers = [layer_cls(cfg, last=(i == cfg.num_layers - 1)) for i in range(cfg.num_layers)]
         # One bias-free Linear(F, 1) per layer, Xavier-uniform as in the reference (fan_in F, fan_out 1).
-        readout_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=-1, out_axis=-2)
+        readout_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=-1, out_axis=-2,
+                                                        dtype=jnp.float32)
         self.readout = self.param("readout", readout_init, (cfg.num_layers, cfg.num_features))
         if cfg.zbl:
             init = ZBL_UNIVERSAL if cfg.zbl_init == "universal" else ZBL_CODE

@@ -181,7 +181,9 @@ class Potential:
 
     def vacuum_energies(self, dtype: Any = jnp.float32) -> jnp.ndarray:
         """Per-layer isolated-atom readouts ``[num_elements, T]`` (fixed while the parameters are)."""
-        return self.model.apply(_as_dtype(self.params, dtype), dtype, method=Geodite.vacuum_energies)
+        model = self.model
+        fn = jax.jit(lambda params: model.apply(params, dtype, method=Geodite.vacuum_energies))
+        return fn(_as_dtype(self.params, dtype))
 
     def _check_params(self) -> None:
         expected = jax.eval_shape(lambda: init_params(self.config, 0))

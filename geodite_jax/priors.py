@@ -40,7 +40,7 @@ def zbl_pair_energy(r: jnp.ndarray, z_i: jnp.ndarray, z_j: jnp.ndarray, switch_l
     phi = (coefs * jnp.exp(-exps * x[:, None])).sum(-1)
     # k_e Z_j Z_i is evaluated in float32 (also in float64 mode), sender charge first: the reference
     # implementation multiplies the float literal by integer tensors, which gives float32, so converted
-    # checkpoints reproduce it exactly (relative effect ≤ 1e-7).
+    # checkpoints reproduce it exactly (relative effect ~1e-7).
     charges = ((jnp.float32(COULOMB_EV_A) * z_j.astype(jnp.float32)) * z_i.astype(jnp.float32)).astype(r.dtype)
     v = charges / r * phi
     return v * polynomial_envelope(r / switch_length, 5)

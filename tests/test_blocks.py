@@ -91,3 +91,33 @@ def test_config_validation(kwargs, message):
         gd.GeoditeConfig(**kwargs)
     with pytest.raises(ValueError, match="unknown GeoditeConfig preset"):
         gd.GeoditeConfig.preset("huge")
+
+
+def test_initial_weights_do_not_depend_on_x64_mode():
+    """x64 is on in the test session; a float32 process must draw the same weights from the same seed."""
+    import subprocess
+    import sys
+
+    code = ("import jax, numpy as np, geodite_jax as gd; p = gd.init_params(gd.GeoditeConfig.preset('tiny'), 7); "
+            "print(sum(float(np.asarray(x, np.float64).sum()) for x in jax.tree_util.tree_leaves(p)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    here = sum(float(np.asarray(x, np.float64).sum())
+               for x in jax.tree_util.tree_leaves(gd.init_params(gd.GeoditeConfig.preset("tiny"), 7)))
+    assert float(out.strip().splitlines()[-1]) == here
+
+
+def test_remat_gives_the_same_numbers(tiny):
+    import dataclasses
+
+    from ase.build import bulk
+
+    atoms = bulk("Si", "diamond", a=5.43)
+    atoms.rattle(0.05, seed=1)
+    results = []
+    for remat in (False, True):
+        pot = gd.Potential(dataclasses.replace(tiny.config, remat=remat), tiny.params, tiny.element_energies)
+        atoms.calc = gd.GeoditeCalculator(pot, dtype="float64")
+        results.append((atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()))
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-12)
+    np.testing.assert_allclose(results[0][1], results[1][1], atol=1e-10)
+    np.testing.assert_allclose(results[0][2], results[1][2], atol=1e-12)
