@@ -2,7 +2,7 @@
 
 from .calculator import GeoditeCalculator, enable_float64
 from .config import GeoditeConfig
-from .graph import atoms_to_graph, batch_graphs, bucket, neighbour_list, padding_masks, validate_atoms
+from .graph import atoms_to_graph, batch_graphs, bucket, max_degree, neighbour_list, padding_masks, validate_atoms
 from .model import Geodite, count_params, init_params
 from .potential import Potential, make_energy_fn, make_predict_fn
 
@@ -10,6 +10,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Geodite", "GeoditeCalculator", "GeoditeConfig", "Potential", "atoms_to_graph", "batch_graphs", "bucket",
-    "count_params", "enable_float64", "init_params", "make_energy_fn", "make_predict_fn", "neighbour_list",
-    "padding_masks", "validate_atoms",
+    "count_params", "enable_float64", "init_params", "make_energy_fn", "make_predict_fn", "max_degree",
+    "neighbour_list", "padding_masks", "validate_atoms",
 ]

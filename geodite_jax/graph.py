@@ -139,20 +139,37 @@ def bucket(n: int, minimum: int, multiple: int, growth: float = 1.25) -> int:
     return size
 
 
+def max_degree(graphs: Sequence[jraph.GraphsTuple]) -> int:
+    """Largest number of incoming edges of any node in ``graphs``."""
+    return max((int(np.bincount(g.receivers).max()) if len(g.receivers) else 0) for g in graphs)
+
+
 def batch_graphs(graphs: Sequence[jraph.GraphsTuple], n_node: int | None = None, n_edge: int | None = None,
-                 n_graph: int | None = None) -> jraph.GraphsTuple:
+                 n_graph: int | None = None, neighbours_per_node: int | None = None) -> jraph.GraphsTuple:
     """Concatenate graphs and pad to ``(n_node, n_edge, n_graph)`` (defaults: buckets of the totals).
 
-    The result always ends with at least one padding graph; the last one holds the ≥ 1 padding nodes
-    and the padding edges (which join the first padding node to itself with zero shift), any other
-    padding graphs are empty.
+    The result always ends with at least one padding graph; the last one holds the ≥ 1 padding nodes,
+    any other padding graphs are empty. Padding edges are self-loops with zero shift (never a real
+    edge), which is how :func:`padding_masks` recognises them.
+
+    ``neighbours_per_node=M`` lays the edges out in blocks: node k owns edges ``k·M .. k·M + M − 1`` (its
+    real edges first, then padding self-loops), so ``n_edge = n_node · M``. The model then sums over
+    neighbours by reshaping, which is faster where degrees are uniform (crystals).
     """
     real_nodes = sum(int(g.n_node.sum()) for g in graphs)
     real_edges = sum(int(g.n_edge.sum()) for g in graphs)
     real_graphs = sum(len(g.n_node) for g in graphs)
     n_node = bucket(real_nodes + 1, 8, 8) if n_node is None else n_node
-    n_edge = bucket(real_edges, 256, 64) if n_edge is None else n_edge
     n_graph = real_graphs + 1 if n_graph is None else n_graph
+    if neighbours_per_node is not None:
+        degree = max_degree(graphs)
+        if degree > neighbours_per_node:
+            raise ValueError(f"a node has {degree} neighbours, more than neighbours_per_node={neighbours_per_node}")
+        if n_edge is not None and n_edge != n_node * neighbours_per_node:
+            raise ValueError(f"with neighbours_per_node={neighbours_per_node}, n_edge must be n_node x "
+                             f"{neighbours_per_node} = {n_node * neighbours_per_node}, got {n_edge}")
+        n_edge = n_node * neighbours_per_node
+    n_edge = bucket(real_edges, 256, 64) if n_edge is None else n_edge
     if n_node < real_nodes + 1 or n_edge < real_edges or n_graph < real_graphs + 1:
         raise ValueError(f"batch of {real_graphs} graphs, {real_nodes} nodes, {real_edges} edges does not fit the "
                          f"padding budget ({n_graph} graphs incl. 1 padding, {n_node} nodes incl. ≥1 padding, "
@@ -160,26 +177,41 @@ def batch_graphs(graphs: Sequence[jraph.GraphsTuple], n_node: int | None = None,
     dtype = graphs[0].nodes["positions"].dtype
     positions = np.zeros((n_node, 3), dtype)
     species = np.zeros(n_node, np.int32)
-    shifts = np.zeros((n_edge, 3), dtype)
-    senders = np.full(n_edge, real_nodes, np.int32)
-    receivers = np.full(n_edge, real_nodes, np.int32)
     cells = np.zeros((n_graph, 3, 3), dtype)
     nn = np.zeros(n_graph, np.int32)
     ne = np.zeros(n_graph, np.int32)
+    if neighbours_per_node is None:  # padding edges: self-loops on the first padding node
+        shifts = np.zeros((n_edge, 3), dtype)
+        senders = np.full(n_edge, real_nodes, np.int32)
+        receivers = np.full(n_edge, real_nodes, np.int32)
+    else:  # every slot starts as a self-loop of its owner; real edges overwrite the first slots
+        shifts = np.zeros((n_edge, 3), dtype)
+        receivers = np.repeat(np.arange(n_node, dtype=np.int32), neighbours_per_node)
+        senders = receivers.copy()
     node_off = edge_off = graph_off = 0
     for g in graphs:
         a, b, c = int(g.n_node.sum()), int(g.n_edge.sum()), len(g.n_node)
         positions[node_off:node_off + a] = g.nodes["positions"]
         species[node_off:node_off + a] = g.nodes["species"]
-        shifts[edge_off:edge_off + b] = g.edges["shifts"]
-        senders[edge_off:edge_off + b] = g.senders + node_off
-        receivers[edge_off:edge_off + b] = g.receivers + node_off
         cells[graph_off:graph_off + c] = g.globals["cell"]
         nn[graph_off:graph_off + c] = g.n_node
-        ne[graph_off:graph_off + c] = g.n_edge
+        if neighbours_per_node is None:
+            slots = np.arange(edge_off, edge_off + b)
+            ne[graph_off:graph_off + c] = g.n_edge
+        else:
+            order = np.argsort(g.receivers, kind="stable")
+            recv = g.receivers[order]
+            first = np.searchsorted(recv, recv, side="left")  # rank of each edge within its receiver
+            slots = (recv + node_off) * neighbours_per_node + (np.arange(b) - first)
+            slots_sorted, slots = slots, np.empty_like(slots)
+            slots[order] = slots_sorted
+            ne[graph_off:graph_off + c] = g.n_node * neighbours_per_node
+        shifts[slots] = g.edges["shifts"]
+        senders[slots] = g.senders + node_off
+        receivers[slots] = g.receivers + node_off
         node_off, edge_off, graph_off = node_off + a, edge_off + b, graph_off + c
-    nn[-1] = n_node - real_nodes  # padding nodes and edges belong to the last graph; others stay empty
-    ne[-1] = n_edge - real_edges
+    nn[-1] = n_node - real_nodes  # padding nodes (and their edges) belong to the last graph
+    ne[-1] = n_edge - int(ne[:-1].sum())
     return jraph.GraphsTuple(nodes={"positions": positions, "species": species}, edges={"shifts": shifts},
                              globals={"cell": cells}, senders=senders, receivers=receivers, n_node=nn, n_edge=ne)
 
@@ -187,14 +219,15 @@ def batch_graphs(graphs: Sequence[jraph.GraphsTuple], n_node: int | None = None,
 def padding_masks(graph: jraph.GraphsTuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(node_mask [N], edge_mask [E], graph_mask [G])``: True for real entries.
 
-    The last graph holds all padding nodes and edges; other padding graphs are empty (a real graph
-    never is).
+    The last graph holds all padding nodes; other padding graphs are empty (a real graph never is).
+    Padding edges are zero-shift self-loops, wherever they sit (both edge layouts).
 
     Works on numpy and on traced jax arrays (shapes are static).
     """
     xp = np if isinstance(graph.n_node, np.ndarray) else __import__("jax").numpy
-    n_nodes, n_edges, n_graphs = graph.nodes["species"].shape[0], graph.senders.shape[0], graph.n_node.shape[0]
+    n_nodes, n_graphs = graph.nodes["species"].shape[0], graph.n_node.shape[0]
     node_mask = xp.arange(n_nodes) < graph.n_node[:-1].sum()
-    edge_mask = xp.arange(n_edges) < graph.n_edge[:-1].sum()
+    # A padding edge is a self-loop with zero shift; a real edge never is (an atom's own images have shifts).
+    edge_mask = (graph.senders != graph.receivers) | xp.any(graph.edges["shifts"] != 0, axis=-1)
     graph_mask = (xp.arange(n_graphs) < n_graphs - 1) & (graph.n_node > 0)
     return node_mask, edge_mask, graph_mask

@@ -16,10 +16,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from .config import GeoditeConfig
 from .elements import COVALENT_RADII
-from .priors import ZBL_CODE, ZBL_UNIVERSAL, soft_neighbour_count, zbl_pair_energy
+from .priors import ZBL_CODE, ZBL_UNIVERSAL, soft_neighbour_terms, zbl_pair_energy
 from .radial import bessel_basis, distance_weighting, polynomial_envelope
 from .spherical import L1, L2, spherical_harmonics
 
@@ -31,8 +32,37 @@ _INV_3 = float(np.float32(1.0 / 3.0))
 _INV_5 = float(np.float32(1.0 / 5.0))
 
 
-def _segment_sum(data: jnp.ndarray, ids: jnp.ndarray, n: int, is_sorted: bool) -> jnp.ndarray:
-    return jax.ops.segment_sum(data, ids, n, indices_are_sorted=is_sorted)
+@struct.dataclass
+class Edges:
+    """Edge indexing: sparse (any order) or neighbour blocks (every node owns ``block`` consecutive edges).
+
+    In the block layout edge ``e`` has receiver ``e // block``: sums over a node's edges are reshape-sums
+    and receiver gathers are broadcasts, which XLA fuses with their producers and consumers instead of
+    materialising ``[E, 8, F]`` message arrays. Both layouts give the same numbers.
+    """
+
+    senders: jnp.ndarray  # [E]
+    receivers: jnp.ndarray  # [E]
+    num_nodes: int = struct.field(pytree_node=False)
+    block: int | None = struct.field(pytree_node=False, default=None)
+    sorted_receivers: bool = struct.field(pytree_node=False, default=False)
+
+    def aggregate(self, data: jnp.ndarray) -> jnp.ndarray:
+        """Σ over each node's incoming edges: ``[E, ...] -> [N, ...]``."""
+        if self.block:
+            return data.reshape(self.num_nodes, self.block, *data.shape[1:]).sum(1)
+        return jax.ops.segment_sum(data, self.receivers, self.num_nodes, indices_are_sorted=self.sorted_receivers)
+
+    def at_receivers(self, data: jnp.ndarray) -> jnp.ndarray:
+        """Node data on each edge's receiver: ``[N, ...] -> [E, ...]``."""
+        if self.block:
+            shape = (self.num_nodes, self.block, *data.shape[1:])
+            return jnp.broadcast_to(data[:, None], shape).reshape(self.num_nodes * self.block, *data.shape[1:])
+        return data[self.receivers]
+
+    def at_senders(self, data: jnp.ndarray) -> jnp.ndarray:
+        """Node data on each edge's sender: ``[N, ...] -> [E, ...]``."""
+        return data[self.senders]
 
 
 class EdgeGeometry(nn.Module):
@@ -41,14 +71,13 @@ class EdgeGeometry(nn.Module):
     config: GeoditeConfig
 
     @nn.compact
-    def __call__(self, vectors: jnp.ndarray, species: jnp.ndarray, senders: jnp.ndarray,
-                 receivers: jnp.ndarray) -> tuple[jnp.ndarray, ...]:
+    def __call__(self, vectors: jnp.ndarray, species: jnp.ndarray, edges: Edges) -> tuple[jnp.ndarray, ...]:
         """``vectors [E, 3]`` (r_j − r_i, all > 0 in length) -> ``(r [E], sh [E, 8], phi [E, K], rcov_sum [E])``."""
         cfg = self.config
         r = jnp.sqrt(jnp.sum(vectors**2, axis=-1))
         sh = spherical_harmonics(vectors / r[:, None])
         radii = jnp.asarray(COVALENT_RADII, dtype=vectors.dtype)
-        rcov_sum = radii[species[receivers]] + radii[species[senders]]
+        rcov_sum = edges.at_receivers(radii[species]) + edges.at_senders(radii[species])
         radial = polynomial_envelope(r / cfg.cutoff, cfg.envelope_p)
         if cfg.distance_weighting:
             theta_kappa = self.param("theta_kappa", nn.initializers.constant(-15.2013, dtype=jnp.float32), ())
@@ -64,10 +93,9 @@ class NodeInit(nn.Module):
     config: GeoditeConfig
 
     @nn.compact
-    def __call__(self, species: jnp.ndarray, phi: jnp.ndarray, senders: jnp.ndarray, receivers: jnp.ndarray,
-                 sorted_receivers: bool) -> tuple[jnp.ndarray, jnp.ndarray]:
+    def __call__(self, species: jnp.ndarray, phi: jnp.ndarray, edges: Edges) -> tuple[jnp.ndarray, jnp.ndarray]:
         cfg = self.config
-        f, k, n = cfg.num_features, cfg.num_rbf, species.shape[0]
+        f, k = cfg.num_features, cfg.num_rbf
 
         def embed_init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
             return jax.random.normal(key, shape, dtype).at[0].set(0.0)  # row 0 is padding
@@ -81,11 +109,11 @@ class NodeInit(nn.Module):
         w_e = self.param("W_e", xavier, (k, f))
         dtype = phi.dtype
 
-        m = _segment_sum(embed_nbr.astype(dtype)[species[senders]] * (phi @ w_phi), receivers, n, sorted_receivers)
-        rho = soft_neighbour_count(phi, w_density, receivers, n, sorted_receivers)
+        m = edges.aggregate(edges.at_senders(embed_nbr.astype(dtype)[species]) * (phi @ w_phi))
+        rho = edges.aggregate(soft_neighbour_terms(phi, w_density))
         x = jnp.concatenate([embed_self.astype(dtype)[species], m / (1.0 + rho)[:, None]], axis=-1)
         h = jax.nn.silu(x @ w_1) @ w_2
-        t = (h[receivers] + h[senders]) * (phi @ w_e)
+        t = (edges.at_receivers(h) + edges.at_senders(h)) * (phi @ w_e)
         return h, t
 
 
@@ -100,11 +128,10 @@ class Interaction(nn.Module):
 
     @nn.compact
     def __call__(self, h: jnp.ndarray, x_st: jnp.ndarray, t: jnp.ndarray, sh: jnp.ndarray, phi: jnp.ndarray,
-                 senders: jnp.ndarray, receivers: jnp.ndarray, sorted_receivers: bool,
-                 deterministic: bool) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+                 edges: Edges, deterministic: bool) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
         """``h [N, F], x_st [N, 8, F], t [E, F], sh [E, 8], phi [E, K]`` -> updated ``(h, x_st, t)``."""
         cfg = self.config
-        f, heads, n, e = cfg.num_features, cfg.num_heads, h.shape[0], t.shape[0]
+        f, heads, e = cfg.num_features, cfg.num_heads, t.shape[0]
         p = lambda name, shape: self.param(name, xavier, shape)  # noqa: E731
         norm_scale = self.param("norm_scale", nn.initializers.ones, (3, f))  # γ0, γ1, γ2
         w_q, w_k, w_x1, w_v1 = p("W_q", (f, f)), p("W_k", (f, f)), p("W_x1", (f, f)), p("W_v1", (f, f))
@@ -130,29 +157,28 @@ class Interaction(nn.Module):
         a, filt = jax.nn.silu(te[:, :f]), te[:, f:4 * f]
 
         # 4. Attention without softmax: a neighbour crossing r_c changes no other weight.
-        qka = (q[receivers] * k[senders] * a).reshape(e, heads, f // heads).sum(-1)
+        qka = (edges.at_receivers(q) * edges.at_senders(k) * a).reshape(e, heads, f // heads).sum(-1)
         alpha = jax.nn.silu(qka) / math.sqrt(f)
         alpha = nn.Dropout(cfg.attention_dropout)(alpha, deterministic=deterministic)
 
         # 5-6. Values attended per head (contiguous 3F/H blocks), plus the spatial filter.
-        vx_j = vx[senders]
+        vx_j = edges.at_senders(vx)
         v_j, x_j = vx_j[:, :3 * f], vx_j[:, 3 * f:]
         o = (v_j.reshape(e, heads, 3 * f // heads) * alpha[:, :, None]).reshape(e, 3 * f) + filt * x_j
         o_s, o_d, o_x = o[:, :f], o[:, f:2 * f], o[:, 2 * f:]
 
         # 7-8. Messages, density-normalised aggregation.
-        msg_x = o_d[:, None, :] * sh[:, :, None] + o_x[:, None, :] * x_st[senders]
-        inv_density = 1.0 / (1.0 + soft_neighbour_count(phi / cfg.num_rbf, w_density, receivers, n,
-                                                         sorted_receivers))
-        h = h + _segment_sum(o_s, receivers, n, sorted_receivers) * inv_density[:, None]
-        x_st = x_st + _segment_sum(msg_x, receivers, n, sorted_receivers) * inv_density[:, None, None]
+        msg_x = o_d[:, None, :] * sh[:, :, None] + o_x[:, None, :] * edges.at_senders(x_st)
+        inv_density = 1.0 / (1.0 + edges.aggregate(soft_neighbour_terms(phi / cfg.num_rbf, w_density)))
+        h = h + edges.aggregate(o_s) * inv_density[:, None]
+        x_st = x_st + edges.aggregate(msg_x) * inv_density[:, None, None]
 
         if not self.last:
-            t = t + self._edge_update(te[:, 4 * f:], x_st, t, sh, senders, receivers)
+            t = t + self._edge_update(te[:, 4 * f:], x_st, t, sh, edges)
         return h, x_st, t
 
     def _edge_update(self, t_hidden: jnp.ndarray, x_st: jnp.ndarray, t: jnp.ndarray, sh: jnp.ndarray,
-                     senders: jnp.ndarray, receivers: jnp.ndarray) -> jnp.ndarray:
+                     edges: Edges) -> jnp.ndarray:
         """Δt_ij from inner products of receiver and sender steerables with the edge direction projected out."""
         cfg = self.config
         f, fe = cfg.num_features, cfg.edge_features
@@ -163,8 +189,8 @@ class Interaction(nn.Module):
         ln_bias = self.param("ln_bias", nn.initializers.zeros, (fe,))
         w_w = p("W_w", (fe, f))
 
-        q_i = (x_st @ w_qv)[receivers]  # [E, 8, Fe]
-        k_j = jnp.concatenate([x_st[:, L1] @ w_k1, x_st[:, L2] @ w_k2], axis=1)[senders]
+        q_i = edges.at_receivers(x_st @ w_qv)  # [E, 8, Fe]
+        k_j = edges.at_senders(jnp.concatenate([x_st[:, L1] @ w_k1, x_st[:, L2] @ w_k2], axis=1))
         # Q⊥·K⊥ = Q·K − (Y·Q)(Y·K) per degree, since |Y^l| = 1.
         s_q = sh[:, :, None] * q_i
         s_k = sh[:, :, None] * k_j
@@ -200,10 +226,9 @@ class Layer(nn.Module):
 
     @nn.compact
     def __call__(self, h: jnp.ndarray, x_st: jnp.ndarray, t: jnp.ndarray, sh: jnp.ndarray, phi: jnp.ndarray,
-                 senders: jnp.ndarray, receivers: jnp.ndarray, sorted_receivers: bool,
-                 deterministic: bool) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+                 edges: Edges, deterministic: bool) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
         h, x_st, t = Interaction(self.config, self.last, name="interaction")(
-            h, x_st, t, sh, phi, senders, receivers, sorted_receivers, deterministic)
+            h, x_st, t, sh, phi, edges, deterministic)
         h, x_st = Coupling(self.config, name="coupling")(h, x_st)
         return h, x_st, t
 
@@ -223,7 +248,7 @@ class Geodite(nn.Module):
         cfg = self.config
         self.geometry = EdgeGeometry(cfg)
         self.node_init = NodeInit(cfg)
-        layer_cls = nn.remat(Layer, static_argnums=(8, 9))  # counted with self if cfg.remat else Layer
+        layer_cls = nn.remat(Layer, static_argnums=(7,))  # counted with self if cfg.remat else Layer
         self.layers = [layer_cls(cfg, last=(i == cfg.num_layers - 1)) for i in range(cfg.num_layers)]
         # One bias-free Linear(F, 1) per layer, Xavier-uniform as in the reference (fan_in F, fan_out 1).
         readout_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=-1, out_axis=-2,
@@ -237,15 +262,15 @@ class Geodite(nn.Module):
             self.zbl_coefs = self.param("zbl_coefs", const(init["coefs"]))
             self.zbl_exps = self.param("zbl_exps", const(init["exps"]))
 
-    def _encode(self, species: jnp.ndarray, sh: jnp.ndarray, phi: jnp.ndarray, senders: jnp.ndarray,
-                receivers: jnp.ndarray, sorted_receivers: bool, deterministic: bool) -> jnp.ndarray:
+    def _encode(self, species: jnp.ndarray, sh: jnp.ndarray, phi: jnp.ndarray, edges: Edges,
+                deterministic: bool) -> jnp.ndarray:
         """Per-layer readout energies ``[N, T]`` (a_ℓ · h_i^(ℓ))."""
         cfg = self.config
-        h, t = self.node_init(species, phi, senders, receivers, sorted_receivers)
+        h, t = self.node_init(species, phi, edges)
         x_st = jnp.zeros((h.shape[0], 8, cfg.num_features), h.dtype)
         per_layer = []
         for i, layer in enumerate(self.layers):
-            h, x_st, t = layer(h, x_st, t, sh, phi, senders, receivers, sorted_receivers, deterministic)
+            h, x_st, t = layer(h, x_st, t, sh, phi, edges, deterministic)
             per_layer.append(h @ self.readout[i].astype(h.dtype))
         return jnp.stack(per_layer, axis=-1)
 
@@ -258,17 +283,25 @@ class Geodite(nn.Module):
         cfg = self.config
         species = jnp.arange(cfg.num_elements, dtype=jnp.int32)
         none = jnp.zeros((0,), jnp.int32)
-        return self._encode(species, jnp.zeros((0, 8), dtype), jnp.zeros((0, cfg.num_rbf), dtype), none, none,
-                            True, True)
+        edges = Edges(none, none, cfg.num_elements, None, True)
+        return self._encode(species, jnp.zeros((0, 8), dtype), jnp.zeros((0, cfg.num_rbf), dtype), edges, True)
 
     def __call__(self, vectors: jnp.ndarray, species: jnp.ndarray, senders: jnp.ndarray, receivers: jnp.ndarray,
                  *, vacuum: jnp.ndarray | None = None, sorted_receivers: bool = False,
-                 deterministic: bool = True) -> dict[str, jnp.ndarray]:
-        """See the class docstring. ``vacuum``: a precomputed :meth:`vacuum_energies` table (inference)."""
+                 neighbours_per_node: int | None = None, deterministic: bool = True) -> dict[str, jnp.ndarray]:
+        """See the class docstring. ``vacuum``: a precomputed :meth:`vacuum_energies` table (inference).
+
+        ``neighbours_per_node=M``: the edges are laid out in blocks, edge e has receiver e // M (see
+        :class:`Edges`); ``sorted_receivers``: receivers are non-decreasing (a hint for the sparse layout).
+        """
         cfg = self.config
         n = species.shape[0]
-        r, sh, phi, rcov_sum = self.geometry(vectors, species, senders, receivers)
-        per_layer = self._encode(species, sh, phi, senders, receivers, sorted_receivers, deterministic)
+        if neighbours_per_node is not None and vectors.shape[0] != n * neighbours_per_node:
+            raise ValueError(f"neighbours_per_node={neighbours_per_node} needs {n} x {neighbours_per_node} edges, "
+                             f"got {vectors.shape[0]}")
+        edges = Edges(senders, receivers, n, neighbours_per_node, sorted_receivers or bool(neighbours_per_node))
+        r, sh, phi, rcov_sum = self.geometry(vectors, species, edges)
+        per_layer = self._encode(species, sh, phi, edges, deterministic)
         if cfg.vacuum:
             if vacuum is None:
                 vacuum = self.vacuum_energies(vectors.dtype)
@@ -277,9 +310,9 @@ class Geodite(nn.Module):
         if cfg.zbl:
             z = species.astype(vectors.dtype)
             z = jnp.where(z > 0, z, 1.0)  # padding nodes: keep Z^β differentiable
-            pair = zbl_pair_energy(r, z[receivers], z[senders], rcov_sum, self.zbl_alpha, self.zbl_beta,
-                                   self.zbl_coefs, self.zbl_exps)
-            out["zbl"] = 0.5 * _segment_sum(pair, receivers, n, sorted_receivers)
+            pair = zbl_pair_energy(r, edges.at_receivers(z), edges.at_senders(z), rcov_sum, self.zbl_alpha,
+                                   self.zbl_beta, self.zbl_coefs, self.zbl_exps)
+            out["zbl"] = 0.5 * edges.aggregate(pair)
         else:
             out["zbl"] = jnp.zeros((n,), vectors.dtype)
         return out

@@ -49,8 +49,12 @@ def edge_vectors(positions: jnp.ndarray, cell: jnp.ndarray, graph: jraph.GraphsT
     return positions[graph.senders] - positions[graph.receivers] + offsets
 
 
-def make_energy_fn(config: GeoditeConfig, sorted_receivers: bool = True) -> Callable[..., tuple[jnp.ndarray, dict]]:
+def make_energy_fn(config: GeoditeConfig, sorted_receivers: bool = True,
+                   neighbours_per_node: int | None = None) -> Callable[..., tuple[jnp.ndarray, dict]]:
     """``fn(state, positions, cell, graph, vacuum=None) -> (E_total, aux)``, differentiable in positions and cell.
+
+    ``sorted_receivers``: the graph's receivers are non-decreasing (as :func:`batch_graphs` makes them).
+    ``neighbours_per_node``: the graph uses the block layout of ``batch_graphs(..., neighbours_per_node=M)``.
 
     ``state = {"params", "element_energies" [119], "energy_scale"}``. ``aux`` holds ``node_energies [N]``
     (zero on padding), ``energy [G]`` and the unscaled components. Padding edges get a dummy vector
@@ -66,7 +70,7 @@ def make_energy_fn(config: GeoditeConfig, sorted_receivers: bool = True) -> Call
         vectors = jnp.where(edge_mask[:, None], vectors, pad_vector.astype(vectors.dtype))
         species = graph.nodes["species"]
         out = model.apply(state["params"], vectors, species, graph.senders, graph.receivers, vacuum=vacuum,
-                          sorted_receivers=sorted_receivers)
+                          sorted_receivers=sorted_receivers, neighbours_per_node=neighbours_per_node)
         e0 = jnp.asarray(state["element_energies"], vectors.dtype)[species]
         node_energies = e0 + state["energy_scale"] * (out["nn"] + out["zbl"])
         node_energies = jnp.where(node_mask, node_energies, 0.0)
@@ -80,13 +84,14 @@ def make_energy_fn(config: GeoditeConfig, sorted_receivers: bool = True) -> Call
     return fn
 
 
-def make_predict_fn(config: GeoditeConfig, sorted_receivers: bool = True) -> Callable[..., dict[str, jnp.ndarray]]:
+def make_predict_fn(config: GeoditeConfig, sorted_receivers: bool = True,
+                    neighbours_per_node: int | None = None) -> Callable[..., dict[str, jnp.ndarray]]:
     """``predict(state, graph, vacuum=None) -> {"energy" [G], "forces" [N,3], "stress" [G,3,3], ...}``.
 
     One autodiff pass gives forces and the strain derivative; stress is σ = (1/V) ∂E/∂ε (ASE sign, eV/Å³),
     NaN for graphs without volume (molecules). Not jitted: wrap it in ``jax.jit``.
     """
-    energy_fn = make_energy_fn(config, sorted_receivers)
+    energy_fn = make_energy_fn(config, sorted_receivers, neighbours_per_node)
 
     def predict(state: dict, graph: jraph.GraphsTuple, vacuum: jnp.ndarray | None = None) -> dict[str, jnp.ndarray]:
         positions, cell = graph.nodes["positions"], graph.globals["cell"]

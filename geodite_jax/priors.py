@@ -46,18 +46,17 @@ def zbl_pair_energy(r: jnp.ndarray, z_i: jnp.ndarray, z_j: jnp.ndarray, switch_l
     return v * polynomial_envelope(r / switch_length, 5)
 
 
-def soft_neighbour_count(phi: jnp.ndarray, weights: jnp.ndarray, receivers: jnp.ndarray, num_nodes: int,
-                         sorted_receivers: bool = False) -> jnp.ndarray:
-    """Learned, smooth neighbour density ρ_i = Σ_j tanh(SiLU(w·φ_ij)²) (each term in [0, 1)).
+def soft_neighbour_terms(phi: jnp.ndarray, weights: jnp.ndarray) -> jnp.ndarray:
+    """Per-edge terms tanh(SiLU(w·φ_ij)²) ∈ [0, 1) of the learned, smooth neighbour density ρ_i = Σ_j (…).
 
-    Aggregated messages are divided by 1 + ρ_i; an isolated atom divides by exactly 1.
+    Aggregated messages are divided by 1 + ρ_i; an isolated atom divides by exactly 1, and a neighbour
+    contributes nothing at r_c (φ vanishes there).
 
     Args:
-        phi: ``[E, K]`` radial embedding (vanishes at r_c).
+        phi: ``[E, K]`` radial embedding.
         weights: ``[K]``.
 
     Returns:
-        ``[N]``.
+        ``[E]``.
     """
-    rho = jnp.tanh(jax.nn.silu(phi @ weights) ** 2)
-    return jax.ops.segment_sum(rho, receivers, num_nodes, indices_are_sorted=sorted_receivers)
+    return jnp.tanh(jax.nn.silu(phi @ weights) ** 2)

@@ -1,8 +1,7 @@
-"""Shared fixtures: float64 mode, a persistent compile cache, small potentials and an evaluator."""
+"""Shared fixtures: float64 mode, small potentials and an evaluator."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import jax
@@ -11,10 +10,6 @@ import numpy as np
 import pytest
 
 jax.config.update("jax_enable_x64", True)
-# Compiles dominate a 2-core CI run; reuse them across tests and runs.
-_cache = Path(os.environ.get("GEODITE_TEST_CACHE", Path(__file__).resolve().parents[1] / ".jax_cache"))
-jax.config.update("jax_compilation_cache_dir", str(_cache))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 import geodite_jax as gd  # noqa: E402
 

@@ -101,7 +101,7 @@ def test_structures_in_one_bucket_compile_once(tiny):
     atoms = bulk("Al", "fcc", a=4.05).repeat((2, 1, 1))
     atoms.calc = calc
     atoms.get_potential_energy()
-    assert calc._predict._cache_size() == 1
+    assert calc.compile_count == 1
 
 
 @pytest.mark.parametrize("make, message", [
@@ -133,3 +133,44 @@ def test_stress_of_a_molecule_is_not_a_silent_zero(tiny):
     atoms.get_forces()
     with pytest.raises(PropertyNotImplementedError, match="non-periodic"):
         atoms.get_stress()
+
+
+def test_neighbour_block_layout_gives_the_same_numbers(tiny):
+    """Block layout (every node owns M edge slots) and sparse layout agree to float64 precision."""
+    import jax
+    import jax.numpy as jnp
+
+    a = bulk("NaCl", "rocksalt", a=5.64).repeat((2, 1, 1))
+    a.rattle(0.05, seed=1)
+    b = molecule("CH3CH2OH")
+    c = bulk("Si", "diamond", a=5.43)
+    c.rattle(0.05, seed=4)
+    graphs = [gd.atoms_to_graph(x, tiny.config.cutoff, dtype=np.float64) for x in (a, b, c)]
+    m = gd.max_degree(graphs) + 3
+    state = tiny.state(jnp.float64)
+    sparse = jax.jit(gd.make_predict_fn(tiny.config))(
+        state, jax.tree_util.tree_map(jnp.asarray, gd.batch_graphs(graphs, n_node=24, n_graph=4)))
+    blocked = gd.batch_graphs(graphs, n_node=24, n_graph=4, neighbours_per_node=m)
+    node_mask, edge_mask, _ = gd.padding_masks(blocked)
+    assert blocked.senders.shape == (24 * m,) and edge_mask.sum() == sum(int(g.n_edge[0]) for g in graphs)
+    assert np.all(blocked.receivers == np.repeat(np.arange(24), m))
+    block = jax.jit(gd.make_predict_fn(tiny.config, neighbours_per_node=m))(
+        state, jax.tree_util.tree_map(jnp.asarray, blocked))
+    np.testing.assert_allclose(block["energy"], sparse["energy"], rtol=1e-12)
+    np.testing.assert_allclose(block["forces"], sparse["forces"], atol=1e-10)
+    np.testing.assert_allclose(np.asarray(block["stress"])[[0, 2]], np.asarray(sparse["stress"])[[0, 2]], atol=1e-12)
+    with pytest.raises(ValueError, match="more than neighbours_per_node"):
+        gd.batch_graphs(graphs, neighbours_per_node=m - 4)
+
+
+def test_calculator_switches_layout_and_stays_exact(tiny):
+    """A crystal (block layout) and a slab with vacuum (sparse layout) through one calculator."""
+    calc = gd.GeoditeCalculator(tiny, dtype="float64")
+    crystal = bulk("Cu", "fcc", a=3.6).repeat((4, 4, 4))
+    crystal.rattle(0.05, seed=3)
+    slab = fcc111("Cu", (2, 2, 4), vacuum=6.0)
+    for atoms in (crystal, slab):
+        atoms.calc = calc
+        forces = atoms.get_forces()
+        np.testing.assert_allclose(forces.sum(0), 0, atol=1e-9)
+    assert set(calc._predictors) == {None, calc._block_budget}
