@@ -13,6 +13,7 @@ Call :func:`set_thread_env` before importing jax, torch or numpy's BLAS users.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -97,6 +98,24 @@ def _sync(results: dict[str, Any]) -> None:
     for key in PROPERTIES:
         if key in results:
             np.asarray(results[key])
+
+
+def add_protocol_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options every worker shares: input, output and the timing protocol."""
+    ap.add_argument("--structure", required=True, help="single-frame extxyz file")
+    ap.add_argument("--out", required=True, help="JSON record to write")
+    ap.add_argument("--max-calls", type=int, default=10, help="timed calls at most (default 10)")
+    ap.add_argument("--min-calls", type=int, default=3, help="timed calls at least (default 3)")
+    ap.add_argument("--budget-s", type=float, default=60.0, help="stop timing after this many s")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed warm-up calls (default 2)")
+    ap.add_argument("--seed", type=int, default=0)
+
+
+def time_with_protocol(calc: Any, atoms: Any, args: argparse.Namespace,
+                       log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """:func:`time_calculator` with the limits given by :func:`add_protocol_arguments`."""
+    return time_calculator(calc, atoms, max_calls=args.max_calls, min_calls=args.min_calls,
+                           budget_s=args.budget_s, n_warmup=args.warmup, log=log)
 
 
 def time_calculator(

@@ -69,13 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="mp", help="GeoditeConfig preset (default mp)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    ap.add_argument("--structure", required=True, help="single-frame extxyz file")
-    ap.add_argument("--out", required=True, help="JSON record to write")
-    ap.add_argument("--max-calls", type=int, default=10, help="timed calls at most (default 10)")
-    ap.add_argument("--min-calls", type=int, default=3, help="timed calls at least (default 3)")
-    ap.add_argument("--budget-s", type=float, default=60.0, help="stop timing after this many s")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed warm-up calls (default 2)")
-    ap.add_argument("--seed", type=int, default=0)
+    bc.add_protocol_arguments(ap)
     args = ap.parse_args(argv)
 
     t_start = time.perf_counter()
@@ -100,15 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cutoff, cutoff_src = config_cutoff(cfg)
     n_edges = bc.count_edges(atoms, cutoff)
-    timing = bc.time_calculator(
-        calc,
-        atoms,
-        max_calls=args.max_calls,
-        min_calls=args.min_calls,
-        budget_s=args.budget_s,
-        n_warmup=args.warmup,
-        log=log,
-    )
+    timing = bc.time_with_protocol(calc, atoms, args, log)
     versions = bc.package_versions(["jax", "jaxlib", "flax", "numpy", "ase", "geodite_jax"])
     versions["jax.__version__"] = jax.__version__
     versions["geodite_jax.__version__"] = str(getattr(gd, "__version__", "unknown"))

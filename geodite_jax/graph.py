@@ -180,14 +180,12 @@ def batch_graphs(graphs: Sequence[jraph.GraphsTuple], n_node: int | None = None,
     cells = np.zeros((n_graph, 3, 3), dtype)
     nn = np.zeros(n_graph, np.int32)
     ne = np.zeros(n_graph, np.int32)
+    shifts = np.zeros((n_edge, 3), dtype)
     if neighbours_per_node is None:  # padding edges: self-loops on the first padding node
-        shifts = np.zeros((n_edge, 3), dtype)
-        senders = np.full(n_edge, real_nodes, np.int32)
         receivers = np.full(n_edge, real_nodes, np.int32)
     else:  # every slot starts as a self-loop of its owner; real edges overwrite the first slots
-        shifts = np.zeros((n_edge, 3), dtype)
         receivers = np.repeat(np.arange(n_node, dtype=np.int32), neighbours_per_node)
-        senders = receivers.copy()
+    senders = receivers.copy()
     node_off = edge_off = graph_off = 0
     for g in graphs:
         a, b, c = int(g.n_node.sum()), int(g.n_edge.sum()), len(g.n_node)
@@ -199,12 +197,12 @@ def batch_graphs(graphs: Sequence[jraph.GraphsTuple], n_node: int | None = None,
             slots = np.arange(edge_off, edge_off + b)
             ne[graph_off:graph_off + c] = g.n_edge
         else:
+            # Rank of each edge among its receiver's edges: its slot within that node's block.
             order = np.argsort(g.receivers, kind="stable")
             recv = g.receivers[order]
-            first = np.searchsorted(recv, recv, side="left")  # rank of each edge within its receiver
-            slots = (recv + node_off) * neighbours_per_node + (np.arange(b) - first)
-            slots_sorted, slots = slots, np.empty_like(slots)
-            slots[order] = slots_sorted
+            rank = np.empty(b, np.int64)
+            rank[order] = np.arange(b) - np.searchsorted(recv, recv, side="left")
+            slots = (g.receivers + node_off) * neighbours_per_node + rank
             ne[graph_off:graph_off + c] = g.n_node * neighbours_per_node
         shifts[slots] = g.edges["shifts"]
         senders[slots] = g.senders + node_off

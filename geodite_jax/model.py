@@ -76,8 +76,8 @@ class EdgeGeometry(nn.Module):
         cfg = self.config
         r = jnp.sqrt(jnp.sum(vectors**2, axis=-1))
         sh = spherical_harmonics(vectors / r[:, None])
-        radii = jnp.asarray(COVALENT_RADII, dtype=vectors.dtype)
-        rcov_sum = edges.at_receivers(radii[species]) + edges.at_senders(radii[species])
+        radii = jnp.asarray(COVALENT_RADII, dtype=vectors.dtype)[species]
+        rcov_sum = edges.at_receivers(radii) + edges.at_senders(radii)
         radial = polynomial_envelope(r / cfg.cutoff, cfg.envelope_p)
         if cfg.distance_weighting:
             theta_kappa = self.param("theta_kappa", nn.initializers.constant(-15.2013, dtype=jnp.float32), ())

@@ -181,13 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     """Parse arguments, build the peer, time it and write the JSON record."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, choices=["nequix", "mace", "mace64"])
-    ap.add_argument("--structure", required=True, help="single-frame extxyz file")
-    ap.add_argument("--out", required=True, help="JSON record to write")
-    ap.add_argument("--max-calls", type=int, default=10, help="timed calls at most (default 10)")
-    ap.add_argument("--min-calls", type=int, default=3, help="timed calls at least (default 3)")
-    ap.add_argument("--budget-s", type=float, default=60.0, help="stop timing after this many s")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed warm-up calls (default 2)")
-    ap.add_argument("--seed", type=int, default=0)
+    bc.add_protocol_arguments(ap)
     args = ap.parse_args(argv)
 
     t_start = time.perf_counter()
@@ -201,15 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         build_s = time.perf_counter() - t_start
         log(f"{args.model}: {n_params:,} parameters, built in {build_s:.2f} s")
         n_edges = bc.count_edges(atoms, CUTOFF)
-        timing = bc.time_calculator(
-            calc,
-            atoms,
-            max_calls=args.max_calls,
-            min_calls=args.min_calls,
-            budget_s=args.budget_s,
-            n_warmup=args.warmup,
-            log=log,
-        )
+        timing = bc.time_with_protocol(calc, atoms, args, log)
     record: dict[str, Any] = {
         "model": args.model,
         "structure": structure,
