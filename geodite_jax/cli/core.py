@@ -1,11 +1,9 @@
-"""Command line: ``geodite demo | info | convert``."""
+"""``geodite demo | info | convert``: the core commands."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from collections.abc import Sequence
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -55,7 +53,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from .convert import potential_from_reference_checkpoint
+    from ..convert import potential_from_reference_checkpoint
 
     pot = potential_from_reference_checkpoint(args.checkpoint)
     path = pot.save(args.output)
@@ -63,9 +61,8 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="geodite", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Register ``demo``, ``info`` and ``convert``."""
     demo = sub.add_parser("demo", help="evaluate an untrained Geodite-MP-size model on a few crystals")
     demo.add_argument("--preset", default="mp", choices=["mp", "tiny"])
     demo.add_argument("--dtype", default="float32", choices=["float32", "float64"])
@@ -79,13 +76,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     conv.add_argument("checkpoint")
     conv.add_argument("output")
     conv.set_defaults(func=_convert)
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, ImportError) as err:
-        print(f"geodite {args.command}: error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
