@@ -51,7 +51,8 @@ def edge_vectors(positions: jnp.ndarray, cell: jnp.ndarray, graph: jraph.GraphsT
 
 def make_energy_fn(config: GeoditeConfig, sorted_receivers: bool = True,
                    neighbours_per_node: int | None = None) -> Callable[..., tuple[jnp.ndarray, dict]]:
-    """``fn(state, positions, cell, graph, vacuum=None) -> (E_total, aux)``, differentiable in positions and cell.
+    """``fn(state, positions, cell, graph, vacuum=None, dropout_rng=None) -> (E_total, aux)``, differentiable in
+    positions, cell and ``state``; with a ``dropout_rng`` the attention dropout is on (training).
 
     ``sorted_receivers``: the graph's receivers are non-decreasing (as :func:`batch_graphs` makes them).
     ``neighbours_per_node``: the graph uses the block layout of ``batch_graphs(..., neighbours_per_node=M)``.
@@ -64,13 +65,16 @@ def make_energy_fn(config: GeoditeConfig, sorted_receivers: bool = True,
     pad_vector = np.array([2.0 * config.cutoff + 1.0, 0.0, 0.0])
 
     def fn(state: dict, positions: jnp.ndarray, cell: jnp.ndarray, graph: jraph.GraphsTuple,
-           vacuum: jnp.ndarray | None = None) -> tuple[jnp.ndarray, dict]:
+           vacuum: jnp.ndarray | None = None, dropout_rng: jax.Array | None = None) -> tuple[jnp.ndarray, dict]:
         node_mask, edge_mask, _ = padding_masks(graph)
         vectors = edge_vectors(positions, cell, graph)
         vectors = jnp.where(edge_mask[:, None], vectors, pad_vector.astype(vectors.dtype))
         species = graph.nodes["species"]
+        # Training passes a dropout key (attention dropout on); inference is deterministic.
+        rngs = None if dropout_rng is None else {"dropout": dropout_rng}
         out = model.apply(state["params"], vectors, species, graph.senders, graph.receivers, vacuum=vacuum,
-                          sorted_receivers=sorted_receivers, neighbours_per_node=neighbours_per_node)
+                          sorted_receivers=sorted_receivers, neighbours_per_node=neighbours_per_node,
+                          deterministic=dropout_rng is None, rngs=rngs)
         e0 = jnp.asarray(state["element_energies"], vectors.dtype)[species]
         node_energies = e0 + state["energy_scale"] * (out["nn"] + out["zbl"])
         node_energies = jnp.where(node_mask, node_energies, 0.0)
@@ -86,14 +90,15 @@ def make_energy_fn(config: GeoditeConfig, sorted_receivers: bool = True,
 
 def make_predict_fn(config: GeoditeConfig, sorted_receivers: bool = True,
                     neighbours_per_node: int | None = None) -> Callable[..., dict[str, jnp.ndarray]]:
-    """``predict(state, graph, vacuum=None) -> {"energy" [G], "forces" [N,3], "stress" [G,3,3], ...}``.
+    """``predict(state, graph, vacuum=None, dropout_rng=None) -> {"energy" [G], "forces" [N,3], "stress", ...}``.
 
     One autodiff pass gives forces and the strain derivative; stress is σ = (1/V) ∂E/∂ε (ASE sign, eV/Å³),
     NaN for graphs without volume (molecules). Not jitted: wrap it in ``jax.jit``.
     """
     energy_fn = make_energy_fn(config, sorted_receivers, neighbours_per_node)
 
-    def predict(state: dict, graph: jraph.GraphsTuple, vacuum: jnp.ndarray | None = None) -> dict[str, jnp.ndarray]:
+    def predict(state: dict, graph: jraph.GraphsTuple, vacuum: jnp.ndarray | None = None,
+                dropout_rng: jax.Array | None = None) -> dict[str, jnp.ndarray]:
         positions, cell = graph.nodes["positions"], graph.globals["cell"]
         n_graph, n_node = cell.shape[0], positions.shape[0]
         node_graph = jnp.repeat(jnp.arange(n_graph), graph.n_node, total_repeat_length=n_node)
@@ -102,7 +107,7 @@ def make_predict_fn(config: GeoditeConfig, sorted_receivers: bool = True,
             sym = 0.5 * (strain + jnp.swapaxes(strain, 1, 2))
             deform = jnp.eye(3, dtype=pos.dtype) + sym
             pos = jnp.einsum("ni,nij->nj", pos, deform[node_graph])
-            return energy_fn(state, pos, cell @ deform, graph, vacuum)
+            return energy_fn(state, pos, cell @ deform, graph, vacuum, dropout_rng)
 
         strain = jnp.zeros((n_graph, 3, 3), positions.dtype)
         (_, aux), (grad_pos, virial) = jax.value_and_grad(strained_energy, argnums=(0, 1), has_aux=True)(

@@ -1,0 +1,37 @@
+"""Training data: labelled frames, readers, the memory-mapped graph store, batching and the EMT generator.
+
+Pipeline: ``read_frames(path)`` -> ``preprocess(frames, dir, cutoff=...)`` (neighbour lists once, on disk) ->
+``GraphDataset.open(dir)`` -> ``budget_for(ds, ...)`` -> ``iterate_batches(ds, indices, budget, ...)``.
+"""
+
+from .batching import (
+    Batch,
+    BatchBudget,
+    budget_for,
+    collate,
+    iterate_batches,
+    num_batches,
+    plan_batches,
+    prefetch,
+    stack_batches,
+)
+from .emt import generate_emt_frames
+from .frames import Frame
+from .readers import (
+    FORMATS,
+    detect_format,
+    kbar_to_ase_stress,
+    mlearn_voigt_to_3x3,
+    read_frames,
+    split_frames,
+    split_indices,
+    structure_from_pymatgen,
+)
+from .store import DatasetStats, GraphDataset, compute_stats, fit_element_energies, preprocess
+
+__all__ = [
+    "FORMATS", "Batch", "BatchBudget", "DatasetStats", "Frame", "GraphDataset", "budget_for", "collate",
+    "compute_stats", "detect_format", "fit_element_energies", "generate_emt_frames", "iterate_batches",
+    "kbar_to_ase_stress", "mlearn_voigt_to_3x3", "num_batches", "plan_batches", "prefetch", "preprocess",
+    "read_frames", "split_frames", "split_indices", "stack_batches", "structure_from_pymatgen",
+]

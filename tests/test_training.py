@@ -1,0 +1,235 @@
+"""Training: recipe parsing, loss and optimiser pieces, a run that learns, exact resume after a kill,
+fine-tuning with a new element, data parallelism (2 devices = 1 device), and the train/eval CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from ase.io import write
+
+import geodite_jax as gd
+from geodite_jax.cli import main as cli_main
+from geodite_jax.data import GraphDataset, generate_emt_frames
+from geodite_jax.training import DEMO_RECIPE, TrainConfig, Trainer, train
+from geodite_jax.training.loss import penalty
+from geodite_jax.training.optim import learning_rate_schedule, zclip
+from geodite_jax.training.trainer import initial_potential, label_statistics
+
+ROOT = Path(__file__).resolve().parents[1]
+# A small model and data set: every run below shares one compiled step (same trajectory-defining options).
+SMALL = dict(train="emt", emt_frames=48, valid_fraction=0.15, test_fraction=0.15, preset="tiny",
+             model={"num_layers": 1, "num_features": 16, "attention_dropout": 0.1}, dtype="float64",
+             lr=5e-3, lr_start=5e-4, warmup_steps=4, schedule="cosine", batch_size=6, epochs=3,
+             checkpoint_every_minutes=0, checkpoint_every_steps=0, progress=False, seed=3)
+
+
+# --------------------------------------------------------------------------------------- pieces
+def test_huber_penalty_by_hand():
+    x = jnp.asarray([0.0, 0.005, -0.01, 0.03, -1.0])
+    got = penalty(x, "huber", 0.01)
+    want = [0.0, 0.5 * 0.005**2, 0.5 * 0.01**2, 0.01 * (0.03 - 0.005), 0.01 * (1.0 - 0.005)]
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    np.testing.assert_allclose(penalty(x, "mse", 0.01), np.asarray(x) ** 2)
+    np.testing.assert_allclose(penalty(x, "mae", 0.01), np.abs(np.asarray(x)))
+
+
+def test_zclip_cuts_a_spike_and_caps_the_norm():
+    tx = zclip(z_threshold=2.5, alpha=0.9, warmup=20, max_norm=10.0)
+    state = tx.init(None)
+    for k in range(40):  # steady norms 0.95, 1.05, 0.95, ...: within one std, never clipped
+        g = {"w": jnp.asarray([1.0 + 0.05 * (-1) ** k, 0.0])}
+        out, state = tx.update(g, state)
+        np.testing.assert_allclose(optax.global_norm(out), optax.global_norm(g), rtol=1e-6)
+    mean, std = float(state.mean), float(np.sqrt(state.var))
+    spike = {"w": jnp.asarray([8.0, 0.0])}  # z ≫ 2.5 but below the hard cap
+    out, _ = tx.update(spike, state)
+    z = (8.0 - mean) / std
+    np.testing.assert_allclose(optax.global_norm(out), mean + 2.5 * std / (z / 2.5), rtol=1e-5)
+    huge, _ = zclip(z_threshold=0.0, max_norm=1.0).update({"w": jnp.asarray([3.0, 4.0])}, tx.init(None))
+    np.testing.assert_allclose(optax.global_norm(huge), 1.0, rtol=1e-6)  # hard cap alone
+
+
+def test_learning_rate_schedule_shape():
+    cfg = TrainConfig(lr=1e-3, lr_start=1e-4, warmup_steps=10, schedule="linear", lr_end_factor=0.1)
+    sched = learning_rate_schedule(cfg, total_steps=110)
+    np.testing.assert_allclose([sched(0), sched(5), sched(10), sched(60), sched(110), sched(500)],
+                               [1e-4, 5.5e-4, 1e-3, 5.5e-4, 1e-4, 1e-4], rtol=1e-5)
+    const = learning_rate_schedule(TrainConfig(lr=3e-5, warmup_steps=0, schedule="constant"), 100)
+    assert float(const(0)) == float(const(99)) == pytest.approx(3e-5)
+
+
+def test_recipes_parse_and_agree():
+    demo = TrainConfig.from_yaml(ROOT / "configs" / "emt-demo.yaml")
+    assert demo == TrainConfig.from_dict(DEMO_RECIPE)  # `geodite train` without --config == the YAML
+    mp = TrainConfig.from_yaml(ROOT / "configs" / "geodite-mp.yaml")
+    assert (mp.preset, mp.lr, mp.lr_start, mp.warmup_steps, mp.decay_steps) == ("mp", 4.5e-4, 1e-4, 2000, 800000)
+    assert (mp.huber_delta, mp.ema_decay, mp.weight_decay, mp.batch_size) == (0.01, 0.995, 0.01, 6)
+    assert mp.element_energies == "mptrj" and mp.energy_label == "uncorrected"
+    stage2 = TrainConfig.from_yaml(ROOT / "configs" / "geodite-mp-stage2.yaml")
+    assert (stage2.forces_weight, stage2.lr, stage2.element_energies) == (5.0, 3e-5, "keep")
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"lossy": 1}, "unknown training option"),
+    ({"loss": "l3"}, "loss must be one of"),
+    ({"lr": "fast"}, "cannot read 'fast' as float"),
+    ({"model": {"num_featuresss": 8}}, "do not fit GeoditeConfig"),
+    ({"valid_fraction": 0.6, "test_fraction": 0.5}, "valid_fraction"),
+    ({"element_energies": "keep"}, "needs finetune_from"),
+])
+def test_bad_recipes_are_named(bad, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig.from_dict(bad)
+
+
+def test_missing_training_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.extxyz"):
+        Trainer(TrainConfig(train=str(tmp_path / "nowhere.extxyz"), out=str(tmp_path / "run")))
+
+
+# --------------------------------------------------------------------------------------- runs
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """An uninterrupted run of the SMALL recipe (float64, attention dropout on)."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    result = train(TrainConfig.from_dict({**SMALL, "out": str(out)}))
+    return result
+
+
+def test_training_learns_far_below_the_baseline(reference_run):
+    res = reference_run
+    model, base = res.test_metrics["all"], res.baseline_metrics["all"]
+    # Three short epochs already bring forces well under the per-element-mean baseline (zero forces).
+    assert model["forces_mae"] < 0.6 * base["forces_mae"], (model, base)
+    assert res.history and all(np.isfinite(r["valid_loss"]) for r in res.history)
+    losses = [json.loads(x)["train_loss"] for x in (res.out / "log.jsonl").read_text().splitlines()
+              if "train_loss" in x]
+    assert losses[-1] < losses[0]
+    for name in ("final", "best"):  # saved potentials load and know their elements
+        pot = gd.Potential.load(res.out / name)
+        assert sorted(pot.metadata["elements"]) == [13, 28, 29]
+    assert (res.out / "test_errors.md").read_text().count("|") > 10
+
+
+def test_kill_and_resume_repeats_the_uninterrupted_run(reference_run, tmp_path):
+    cfg = TrainConfig.from_dict({**SMALL, "out": str(tmp_path), "checkpoint_every_steps": 3})
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_7(trainer, metrics):
+        if trainer.step >= 7:
+            raise Killed
+
+    with pytest.raises(Killed):
+        Trainer(cfg, hooks=[kill_at_7]).run()
+    meta = json.loads((tmp_path / "checkpoints" / "last" / "trainer.json").read_text())
+    assert meta["step"] == 6  # the last save before the kill
+    resumed = Trainer(cfg).run(resume=True)  # from step 6: one step of work lost, not more
+    assert resumed.steps == reference_run.steps
+    ref = jax.tree_util.tree_leaves(reference_run.potential.params)
+    got = jax.tree_util.tree_leaves(resumed.potential.params)
+    for a, b in zip(ref, got, strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)  # float32-stored copies of identical float64 runs
+
+
+def test_resume_refuses_a_changed_recipe(reference_run):
+    cfg = TrainConfig.from_dict({**SMALL, "out": str(reference_run.out), "lr": 1e-2})
+    with pytest.raises(ValueError, match="lr"):
+        Trainer(cfg).run(resume=True)
+
+
+def test_finetuning_keeps_known_references_and_fits_new_elements(reference_run, tmp_path):
+    base = gd.Potential.load(reference_run.out / "final")
+    frames = generate_emt_frames(30, seed=11, elements=("Cu", "Ni", "Al", "Pt"))
+    ds = GraphDataset.from_frames(frames, base.config.cutoff, base.config.num_elements)
+    cfg = TrainConfig(finetune_from=str(reference_run.out / "final"), element_energies="keep", train="emt")
+    pot = initial_potential(cfg, ds, label_statistics(ds))
+    for z in (13, 28, 29):
+        assert pot.element_energies[z] == base.element_energies[z]
+    assert pot.element_energies[78] != 0.0 and 78 in pot.metadata["elements"]
+    assert pot.energy_scale == base.energy_scale
+    for a, b in zip(jax.tree_util.tree_leaves(pot.params), jax.tree_util.tree_leaves(base.params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="do not fit the potential"):
+        initial_potential(TrainConfig(finetune_from=str(reference_run.out / "final"), model={"num_layers": 3}),
+                          ds, label_statistics(ds))
+
+
+def test_eval_cli_table_groups_and_errors(reference_run, tmp_path, capsys):
+    frames = generate_emt_frames(12, seed=5)
+    path = tmp_path / "emt.extxyz"
+    write(path, [f.to_atoms() for f in frames])
+    model = str(reference_run.out / "final")
+    assert cli_main(["eval", str(path), "--model", model, "--out", str(tmp_path / "ev")]) == 0
+    printed = capsys.readouterr().out
+    assert "| all |" in printed and "meV/atom" in printed
+    errors = json.loads((tmp_path / "ev" / "errors.json").read_text())["model"]
+    assert errors["all"]["frames"] == 12 and len(errors) > 1  # per-group rows
+    assert cli_main(["eval", str(tmp_path / "missing.extxyz"), "--model", model]) == 2
+    pt = generate_emt_frames(3, seed=1, elements=("Pt",))
+    write(tmp_path / "pt.extxyz", [f.to_atoms() for f in pt])
+    assert cli_main(["eval", str(tmp_path / "pt.extxyz"), "--model", model]) == 2
+    assert "not trained on" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------- data parallel
+_TWO_DEVICES = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    jax.config.update("jax_enable_x64", True)
+    assert jax.device_count() == 2, jax.devices()
+    from geodite_jax.data import GraphDataset, budget_for, generate_emt_frames, iterate_batches
+    from geodite_jax.training import TrainConfig
+    from geodite_jax.training.trainer import (TrainState, initial_potential, label_statistics, loss_norms,
+                                              make_mesh, make_train_step, put_batch, replicate)
+    from geodite_jax.training.optim import make_optimizer
+    cfg = TrainConfig(model={"num_layers": 1, "num_features": 16, "attention_dropout": 0.1}, dtype="float64",
+                      warmup_steps=2, lr=1e-2)
+    mc = cfg.model_config()
+    ds = GraphDataset.from_frames(generate_emt_frames(24, seed=2), mc.cutoff)
+    stats = label_statistics(ds)
+    pot = initial_potential(cfg, ds, stats)
+    budget = budget_for(ds, 4)
+    batch = next(iterate_batches(ds, None, budget, shuffle=True, seed=0, epoch=0, num_shards=2))
+    results = []
+    for devices in (jax.devices()[:1], jax.devices()):
+        mesh = make_mesh(devices)
+        opt, _ = make_optimizer(cfg, 100)
+        step = make_train_step(mc, opt, loss_norms(pot, stats), cfg, mesh)
+        params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), pot.params)
+        state = replicate(TrainState(jnp.zeros((), jnp.int32), params, jax.tree_util.tree_map(jnp.copy, params),
+                                     opt.init(params)), mesh)
+        consts = replicate({"element_energies": jnp.asarray(pot.element_energies),
+                            "energy_scale": jnp.asarray(pot.energy_scale)}, mesh)
+        key = replicate(jax.random.PRNGKey(0), mesh)
+        for _ in range(2):
+            state, metrics = step(state, put_batch(batch, mesh, jnp.float64), consts, key)
+        results.append((jax.device_get(state.params), jax.device_get(metrics)))
+    (p1, m1), (p2, m2) = results
+    worst = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree_util.tree_leaves(p1),
+                                                               jax.tree_util.tree_leaves(p2)))
+    moved = max(float(np.max(np.abs(a - np.asarray(b)))) for a, b in zip(jax.tree_util.tree_leaves(p1),
+                                                                        jax.tree_util.tree_leaves(pot.params)))
+    print("WORST", worst, "MOVED", moved, "LOSS", float(m1["loss"]), float(m2["loss"]))
+    assert moved > 1e-4, moved
+    assert worst < 1e-10, worst
+    assert abs(float(m1["loss"]) - float(m2["loss"])) < 1e-12
+""")
+
+
+def test_two_device_step_equals_one_device_step():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", _TWO_DEVICES], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "WORST" in proc.stdout
