@@ -441,7 +441,7 @@ class Trainer:
                     for hook in self.hooks:
                         hook(self, metrics)
                     if len(window) >= 10 or self.batch_in_epoch == epoch_steps:
-                        self._log_window(log, bar, window, step, time.perf_counter() - t_window)
+                        self._log_window(log, bar, window, step, t_window)
                         window, t_window = [], time.perf_counter()
                     self.elapsed = time.perf_counter() - start
                     if (cfg.max_steps and step >= cfg.max_steps) or (
@@ -455,7 +455,7 @@ class Trainer:
                         self.save(state)
                         last_save_time, last_save_step = time.perf_counter(), step
                 if window:
-                    self._log_window(log, bar, window, self.step, time.perf_counter() - t_window)
+                    self._log_window(log, bar, window, self.step, t_window)
                 if stop:
                     break
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
@@ -482,8 +482,9 @@ class Trainer:
                 bar.close()
         return self._finish(state)
 
-    def _log_window(self, log: Any, bar: Any, window: list[dict], step: int, seconds: float) -> None:
-        host = jax.device_get(window)
+    def _log_window(self, log: Any, bar: Any, window: list[dict], step: int, started: float) -> None:
+        host = jax.device_get(window)  # waits for the window's steps (dispatch is asynchronous)
+        seconds = time.perf_counter() - started
         mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
         structures = float(np.sum([m["structures"] for m in host]))
         record = {"epoch": self.epoch, "step": step, "lr": float(self.schedule(step)),

@@ -1,0 +1,167 @@
+"""Training throughput of Geodite on MPtrj-like batches (structures/s, atoms/s) and the projected MPtrj epoch.
+
+MPtrj itself cannot be downloaded here, so the batches are MPtrj-like: rattled and strained crystals of the
+common MPtrj prototypes (rocksalt, fluorite, perovskite, spinel-like supercells, elemental metals) with the
+size distribution of MPtrj (mean ≈ 31 atoms per frame), random elements, cutoff of the preset. Labels are
+random (speed only). Each step is the real training step: energy, forces and stress, their parameter
+gradient (double backward), ZClip, AdamW and the EMA, padded to one fixed budget.
+
+    python experiments/bench_train.py                 # mp preset, 6 structures per step, CPU or GPU
+    python experiments/bench_train.py --preset tiny --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+MPTRJ_FRAMES = 1_580_395
+MPTRJ_TRAIN_FRAMES = int(0.9 * MPTRJ_FRAMES)
+
+
+def mptrj_like_frames(n: int, seed: int) -> list:
+    """Random crystals with an MPtrj-like size distribution (sizes 2-96, mean ≈ 31 atoms)."""
+    import numpy as np
+    from ase.build import bulk
+
+    from geodite_jax.data import Frame
+
+    rng = np.random.default_rng(seed)
+    metals = ["Li", "Na", "Mg", "Al", "K", "Ca", "Ti", "V", "Cr", "Mn", "Fe", "Co", "Ni", "Cu", "Zn", "Zr", "Nb",
+              "Mo", "Ag", "Sn", "Ba", "La", "W", "Pt"]
+    anions = ["O", "S", "F", "Cl", "N", "Se", "P"]
+    protos = [("rocksalt", 4.4), ("zincblende", 5.6), ("fluorite", 5.4), ("fcc", 3.9), ("bcc", 3.1)]
+    frames = []
+    while len(frames) < n:
+        kind, a = protos[rng.integers(len(protos))]
+        a *= rng.uniform(0.95, 1.1)
+        if kind in ("fcc", "bcc"):
+            atoms = bulk(str(rng.choice(metals)), kind, a=a, cubic=True)
+        else:
+            atoms = bulk("NaCl" if kind != "fluorite" else "CaF2", kind, a=a, cubic=True)
+            numbers = atoms.numbers.copy()
+            cation, anion = rng.choice(metals), rng.choice(anions)
+            from ase.data import atomic_numbers
+
+            atoms.numbers = np.where(numbers == numbers[0], atomic_numbers[cation], atomic_numbers[anion])
+        reps = [(1, 1, 1), (2, 1, 1), (2, 2, 1), (2, 2, 2)][min(3, int(rng.exponential(1.2)))]
+        atoms = atoms.repeat(reps)
+        if len(atoms) > 96:
+            continue
+        atoms.set_cell(atoms.cell.array @ (np.eye(3) + 0.03 * rng.standard_normal((3, 3))), scale_atoms=True)
+        atoms.rattle(0.05, seed=int(rng.integers(1 << 30)))
+        n_at = len(atoms)
+        frames.append(Frame(atoms.numbers, atoms.positions, atoms.cell.array, atoms.pbc,
+                            energy=float(rng.normal(-5 * n_at, n_at)), forces=rng.normal(0, 0.8, (n_at, 3)),
+                            stress=0.01 * rng.standard_normal((3, 3)), id=f"synthetic-{len(frames)}"))
+    return frames
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="mp", choices=["mp", "tiny"])
+    ap.add_argument("--batch-size", type=int, default=6, help="structures per device per step (paper: 6)")
+    ap.add_argument("--frames", type=int, default=240)
+    ap.add_argument("--steps", type=int, default=10, help="timed steps after the compile")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = ap.parse_args()
+    os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads=2")
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import geodite_jax
+    from geodite_jax.data import GraphDataset, budget_for, iterate_batches
+    from geodite_jax.training import TrainConfig
+    from geodite_jax.training.optim import make_optimizer
+    from geodite_jax.training.trainer import (
+        initial_potential,
+        label_statistics,
+        loss_norms,
+        make_mesh,
+        make_train_step,
+        put_batch,
+        replicate,
+    )
+
+    if args.dtype == "float64":
+        jax.config.update("jax_enable_x64", True)
+    dtype = jnp.float64 if args.dtype == "float64" else jnp.float32
+    cfg = TrainConfig(preset=args.preset, batch_size=args.batch_size, dtype=args.dtype)
+    model_config = cfg.model_config()
+    t0 = time.perf_counter()
+    ds = GraphDataset.from_frames(mptrj_like_frames(args.frames, 0), model_config.cutoff)
+    prep = time.perf_counter() - t0
+    stats = label_statistics(ds)
+    pot = initial_potential(cfg, ds, stats)
+    mesh = make_mesh()
+    devices = int(mesh.devices.size)
+    budget = budget_for(ds, args.batch_size)
+    opt, _ = make_optimizer(cfg, 100_000)
+    step = make_train_step(model_config, opt, loss_norms(pot, stats), cfg, mesh)
+    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), pot.params)
+    from geodite_jax.training.trainer import TrainState
+
+    state = replicate(TrainState(jnp.zeros((), jnp.int32), params, jax.tree_util.tree_map(jnp.copy, params),
+                                 opt.init(params)), mesh)
+    consts = replicate({"element_energies": jnp.asarray(pot.element_energies, dtype),
+                        "energy_scale": jnp.asarray(pot.energy_scale, dtype)}, mesh)
+    key = replicate(jax.random.PRNGKey(0), mesh)
+    batches = [put_batch(b, mesh, dtype) for _, b in zip(range(args.steps + 1), iterate_batches(
+        ds, None, budget, shuffle=True, seed=0, epoch=0, num_shards=devices), strict=False)]
+    t0 = time.perf_counter()
+    state, metrics = step(state, batches[0], consts, key)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - t0
+    structures = atoms = 0
+    t0 = time.perf_counter()
+    for b in batches[1:]:
+        state, metrics = step(state, b, consts, key)
+        structures += int(np.asarray(b.energy_weight).sum())
+        atoms += int(np.asarray(b.forces_weight).sum())
+    jax.block_until_ready(metrics)
+    seconds = time.perf_counter() - t0
+    n = len(batches) - 1
+    result = {
+        "date": datetime.date.today().isoformat(), "machine": _machine(), "devices": [str(d) for d in jax.devices()],
+        "versions": {"geodite_jax": geodite_jax.__version__, "jax": jax.__version__},
+        "preset": args.preset, "params": pot.num_params, "dtype": args.dtype, "structures_per_device_step":
+        args.batch_size, "budget": budget._asdict(), "mean_atoms_per_frame": float(np.mean(ds.n_atoms)),
+        "mean_neighbours": float(ds.stats.mean_neighbours), "preprocess_s": prep, "compile_s": compile_s,
+        "steps": n, "s_per_step": seconds / n, "structures_per_s": structures / seconds, "atoms_per_s": atoms / seconds,
+        "projected_mptrj_epoch_h": MPTRJ_TRAIN_FRAMES / (structures / seconds) / 3600,
+    }
+    print(json.dumps(result, indent=1))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"bench_train_{result['date']}_{args.preset}_{jax.devices()[0].platform}"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    (out / f"{stem}.md").write_text(
+        f"# Training throughput, {args.preset} preset ({pot.num_params:,} parameters), {args.dtype}\n\n"
+        f"{result['date']}, {result['machine']}, {len(result['devices'])} device(s) ({result['devices'][0]}), "
+        f"jax {jax.__version__}\n\n| structures/step/device | mean atoms | s/step | structures/s | atoms/s | "
+        f"compile s | projected MPtrj epoch (1.42 M frames) |\n|---|---|---|---|---|---|---|\n"
+        f"| {args.batch_size} | {result['mean_atoms_per_frame']:.1f} | {result['s_per_step']:.3f} | "
+        f"{result['structures_per_s']:.2f} | {result['atoms_per_s']:.0f} | {compile_s:.0f} | "
+        f"{result['projected_mptrj_epoch_h']:.1f} h |\n")
+
+
+def _machine() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        name = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.machine()
+    return f"{name}, {os.cpu_count()} cores"
+
+
+if __name__ == "__main__":
+    main()
