@@ -51,8 +51,17 @@ def _train(args: argparse.Namespace) -> int:
     if cfg.train == "emt":
         print("Training data: generated with ASE's EMT calculator (an effective-medium model of Cu, Ni, Al; "
               "labels are EMT, not DFT).")
+    if args.distributed:
+        import jax
+
+        # One process per host; the cluster (SLURM, Open MPI, ...) is detected, or given by the three flags.
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+        print(f"process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} local devices, "
+              f"{jax.device_count()} in all")
     t0 = time.perf_counter()
     result = train(cfg, resume=args.resume)
+    if not result.is_main:
+        return 0  # another process of a multi-host run: process 0 reports
     wall = time.perf_counter() - t0
     print(f"\n{result.steps} steps in {wall / 60:.1f} min (this process); potential saved to {result.out / 'final'}"
           + (f", best (lowest validation loss) to {result.out / 'best'}" if result.best is not None else ""))
@@ -139,6 +148,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
     tr.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
+    tr.add_argument("--distributed", action="store_true",
+                    help="multi-host data parallelism: call jax.distributed.initialize (one process per host)")
+    tr.add_argument("--coordinator", default=None, help="with --distributed: host:port of process 0")
+    tr.add_argument("--num-processes", type=int, default=None, help="with --distributed: number of processes")
+    tr.add_argument("--process-id", type=int, default=None, help="with --distributed: this process's index")
     tr.set_defaults(func=_train)
 
     ev = sub.add_parser("eval", help="error table of a saved potential on a dataset (per configuration group)")

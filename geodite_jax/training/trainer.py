@@ -16,6 +16,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -75,6 +76,7 @@ class TrainResult:
     out: Path
     data: Datasets
     test_predictions: Predictions | None = None
+    is_main: bool = True  # False on the other processes of a multi-host run (they write nothing)
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -264,6 +266,13 @@ def _compiled_predict(model_config: GeoditeConfig) -> Callable[..., dict]:
     return jax.jit(make_predict_fn(model_config))
 
 
+def host_copy(tree: Any) -> Any:
+    """NumPy copy of a replicated pytree from this process's first device (works with several processes,
+    where a global array is not fully addressable by any one of them)."""
+    return jax.tree_util.tree_map(
+        lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x), tree)
+
+
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """Place a pytree on every device of ``mesh`` (the step's outputs live there too: same types, no recompile)."""
     return jax.device_put(tree, NamedSharding(mesh, P()))
@@ -300,6 +309,7 @@ class Trainer:
         self.cfg = cfg
         self.hooks = list(hooks or [])
         self.out = Path(cfg.out)
+        self.is_main = jax.process_index() == 0  # with several hosts, one writes logs, checkpoints, models
         self.dtype = jnp.float64 if cfg.dtype == "float64" else jnp.float32
         model_config = (Potential.load(cfg.finetune_from).config if cfg.finetune_from else cfg.model_config())
         self.data = load_datasets(cfg, model_config)
@@ -347,7 +357,8 @@ class Trainer:
                 "steps_per_epoch": self.steps_per_epoch, "history": self.history}
 
     def save(self, state: TrainState) -> None:
-        save_checkpoint(self.out / "checkpoints" / "last", state, self._meta())
+        if self.is_main:
+            save_checkpoint(self.out / "checkpoints" / "last", host_copy(state), self._meta())
 
     def restore(self) -> TrainState:
         path = self.out / "checkpoints" / "last"
@@ -371,13 +382,13 @@ class Trainer:
         return jax.tree_util.tree_map(jnp.asarray, state)
 
     def export(self, state: TrainState, use_ema: bool = True) -> Potential:
-        params = jax.device_get(state.ema if use_ema else state.params)
+        params = host_copy(state.ema if use_ema else state.params)
         meta = {**self.potential.metadata, "trained_steps": int(state.step), "train_config": self.cfg.to_dict()}
         return Potential(self.config, params, self.potential.element_energies, self.potential.energy_scale, meta)
 
     # ------------------------------------------------------------------------------------ evaluation
     def predict_split(self, state: TrainState, ds: Any) -> Predictions:
-        model_state = {"params": state.ema, **self.consts}
+        model_state = {"params": host_copy(state.ema), **self.consts}
         return predict_dataset(model_state, self.config, ds, dtype=self.dtype, predict=self.predict)
 
     def validate(self, state: TrainState) -> dict[str, float]:
@@ -385,7 +396,7 @@ class Trainer:
         from ..data import iterate_batches
 
         ds = self.data.valid
-        model_state = {"params": state.ema, **self.consts}
+        model_state = {"params": host_copy(state.ema), **self.consts}
         weights = {"energy": self.cfg.energy_weight, "forces": self.cfg.forces_weight,
                    "stress": self.cfg.stress_weight}
         sums_total: dict[str, float] = {}
@@ -411,8 +422,9 @@ class Trainer:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         state = replicate(self.restore() if resume else self.initial_state(), self.mesh)
-        (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-        log = (self.out / "log.jsonl").open("a")
+        if self.is_main:
+            (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        log = (self.out / "log.jsonl").open("a") if self.is_main else open(os.devnull, "w")  # noqa: SIM115
         key = replicate(jax.random.PRNGKey(cfg.seed), self.mesh)
         consts = replicate(self.consts, self.mesh)
         start = time.perf_counter() - self.elapsed
@@ -420,7 +432,7 @@ class Trainer:
         last_save_step = self.step
         stop = False
         bar = None
-        if cfg.progress:
+        if cfg.progress and self.is_main:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=self.total_steps, initial=int(state.step), unit="step", dynamic_ncols=True)
@@ -470,7 +482,8 @@ class Trainer:
                         bar.write(_epoch_line(record))
                     if record["valid_loss"] < self.best_valid:
                         self.best_valid = record["valid_loss"]
-                        self.export(state).save(self.out / "best")
+                        if self.is_main:
+                            self.export(state).save(self.out / "best")
                 self.elapsed = time.perf_counter() - start
                 self.save(state)
                 last_save_time, last_save_step = time.perf_counter(), self.step
@@ -483,7 +496,7 @@ class Trainer:
         return self._finish(state)
 
     def _log_window(self, log: Any, bar: Any, window: list[dict], step: int, started: float) -> None:
-        host = jax.device_get(window)  # waits for the window's steps (dispatch is asynchronous)
+        host = host_copy(window)  # waits for the window's steps (dispatch is asynchronous)
         seconds = time.perf_counter() - started
         mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
         structures = float(np.sum([m["structures"] for m in host]))
@@ -500,6 +513,9 @@ class Trainer:
 
     def _finish(self, state: TrainState) -> TrainResult:
         final = self.export(state)
+        if not self.is_main:
+            return TrainResult(final, None, self.history, None, None, self.step, self.elapsed, self.out, self.data,
+                               is_main=False)
         final.save(self.out / "final")
         best_dir = self.out / "best"
         best = Potential.load(best_dir) if best_dir.exists() else None
