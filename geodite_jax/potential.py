@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ import numpy as np
 
 from .config import GeoditeConfig
 from .elements import MAX_Z, mptrj_element_energies
+from .files import atomic_directory
 from .graph import padding_masks
 from .model import Geodite, count_params, init_params
 from .priors import ZBL_UNIVERSAL
@@ -213,25 +212,14 @@ class Potential:
         import orbax.checkpoint as ocp
 
         path = Path(path).absolute()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        try:
-            meta = {"format_version": FORMAT_VERSION, "kind": "geodite_jax.Potential",
-                    "config": self.config.to_dict(), "element_energies": self.element_energies.tolist(),
-                    "energy_scale": self.energy_scale, "num_params": self.num_params, "metadata": self.metadata}
+        meta = {"format_version": FORMAT_VERSION, "kind": "geodite_jax.Potential",
+                "config": self.config.to_dict(), "element_energies": self.element_energies.tolist(),
+                "energy_scale": self.energy_scale, "num_params": self.num_params, "metadata": self.metadata}
+        with atomic_directory(path) as tmp:
             with ocp.StandardCheckpointer() as ckpt:
                 ckpt.save(tmp / _PARAMS_DIR, jax.tree_util.tree_map(np.asarray, self.params))
                 ckpt.wait_until_finished()
             (tmp / _META_FILE).write_text(json.dumps(meta, indent=1))
-            if path.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-                os.replace(path, old / "x")
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return path
 
     @classmethod

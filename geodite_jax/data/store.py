@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -33,6 +30,7 @@ from ase import Atoms
 from ase.data import chemical_symbols
 
 from ..elements import MAX_Z
+from ..files import atomic_directory
 from ..graph import atoms_to_graph
 from .frames import Frame
 
@@ -348,50 +346,40 @@ def preprocess(frames: Iterable[Frame], out_dir: str | Path, *, cutoff: float, n
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     bar = _progress_bar(progress)
     try:
-        shards, groups, ids, buffer = [], [], [], []
+        with atomic_directory(out_dir) as tmp:
+            shards, groups, ids, buffer = [], [], [], []
 
-        def flush() -> None:
-            name = f"shard_{len(shards):05d}"
-            arrays = _build_shard(buffer)
-            (tmp / name).mkdir()
-            for key, value in arrays.items():
-                np.save(tmp / name / f"{key}.npy", value)
-            shards.append({"name": name, "n_frames": len(buffer), "n_atoms": int(arrays["atom_offsets"][-1]),
-                           "n_edges": int(arrays["edge_offsets"][-1])})
-            buffer.clear()
+            def flush() -> None:
+                name = f"shard_{len(shards):05d}"
+                arrays = _build_shard(buffer)
+                (tmp / name).mkdir()
+                for key, value in arrays.items():
+                    np.save(tmp / name / f"{key}.npy", value)
+                shards.append({"name": name, "n_frames": len(buffer), "n_atoms": int(arrays["atom_offsets"][-1]),
+                               "n_edges": int(arrays["edge_offsets"][-1])})
+                buffer.clear()
 
-        for frame, graph in _with_graphs(frames, cutoff, num_elements, on_error):
-            buffer.append((frame, graph))
-            groups.append(frame.group)
-            ids.append(frame.id)
-            if bar is not None:
-                bar.update(1)
-            if len(buffer) == shard_size:
+            for frame, graph in _with_graphs(frames, cutoff, num_elements, on_error):
+                buffer.append((frame, graph))
+                groups.append(frame.group)
+                ids.append(frame.id)
+                if bar is not None:
+                    bar.update(1)
+                if len(buffer) == shard_size:
+                    flush()
+            if buffer:
                 flush()
-        if buffer:
-            flush()
-        if not shards:
-            raise ValueError("no frames to preprocess")
-        meta = {"format_version": FORMAT_VERSION, "cutoff": float(cutoff), "num_elements": int(num_elements),
-                "n_frames": len(ids), "n_atoms": sum(s["n_atoms"] for s in shards),
-                "n_edges": sum(s["n_edges"] for s in shards), "shards": shards, "source": source,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "groups": groups, "ids": ids, "stats": None}
-        (tmp / META_FILE).write_text(json.dumps(meta))
-        meta["stats"] = GraphDataset.open(tmp).stats.to_dict()
-        (tmp / META_FILE).write_text(json.dumps(meta))
-        if out_dir.exists():  # overwrite: move the old store aside first so the swap is quick
-            trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, trash / "old")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            if not shards:
+                raise ValueError("no frames to preprocess")
+            meta = {"format_version": FORMAT_VERSION, "cutoff": float(cutoff), "num_elements": int(num_elements),
+                    "n_frames": len(ids), "n_atoms": sum(s["n_atoms"] for s in shards),
+                    "n_edges": sum(s["n_edges"] for s in shards), "shards": shards, "source": source,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "groups": groups, "ids": ids, "stats": None}
+            (tmp / META_FILE).write_text(json.dumps(meta))
+            meta["stats"] = GraphDataset.open(tmp).stats.to_dict()
+            (tmp / META_FILE).write_text(json.dumps(meta))
     finally:
         if bar is not None:
             bar.close()
