@@ -66,6 +66,7 @@ class GeoditeCalculator(Calculator):
         atoms = self.atoms
         if "stress" in properties and not atoms.pbc.any():
             raise PropertyNotImplementedError("stress is undefined for a non-periodic structure (atoms.pbc all False)")
+        self.potential.check_elements(atoms.numbers)
         graph = atoms_to_graph(atoms, self.potential.config.cutoff, self.potential.config.num_elements,
                                np.float32 if self.dtype == "float32" else np.float64)
         # Grow-only buckets (10% steps): shrinking or fluctuating systems reuse the compiled larger shape.

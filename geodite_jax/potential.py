@@ -194,6 +194,24 @@ class Potential:
         fn = jax.jit(lambda params: model.apply(params, dtype, method=Geodite.vacuum_energies))
         return fn(_as_dtype(self.params, dtype))
 
+    def check_elements(self, numbers: Any) -> None:
+        """``ValueError`` naming any atomic number in ``numbers`` the potential was not trained on.
+
+        The trained set is ``metadata["elements"]`` (recorded by the trainer); without it every element
+        below ``config.num_elements`` is accepted (an untrained or converted potential).
+        """
+        known = self.metadata.get("elements")
+        if known is None:
+            return
+        known_set = {int(z) for z in known}
+        missing = sorted({int(z) for z in np.unique(np.asarray(numbers))} - known_set)
+        if missing:
+            from ase.data import chemical_symbols
+
+            names = ", ".join(f"{chemical_symbols[z]} (Z={z})" for z in missing)
+            trained = ", ".join(chemical_symbols[z] for z in sorted(known_set))
+            raise ValueError(f"{names}: not an element this potential was trained on ({trained}); fine-tune it first")
+
     def _check_params(self) -> None:
         expected = jax.eval_shape(lambda: init_params(self.config, 0))
         exp_flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(expected)}

@@ -90,3 +90,14 @@ def test_readme_example(tmp_path):
     pot.save(tmp_path / "my_model")
     pot2 = gd.Potential.load(tmp_path / "my_model")
     assert pot2.num_params == 3_623_112
+
+
+def test_calculator_refuses_elements_the_potential_was_not_trained_on(tiny):
+    trained = gd.Potential(tiny.config, tiny.params, tiny.element_energies, tiny.energy_scale,
+                           {"elements": [11, 17]})
+    atoms = bulk("NaCl", "rocksalt", a=5.64)
+    atoms.calc = gd.GeoditeCalculator(trained, dtype="float64")
+    atoms.get_potential_energy()  # Na, Cl: fine
+    atoms.symbols[0] = "K"
+    with pytest.raises(ValueError, match=r"K \(Z=19\): not an element this potential was trained on \(Na, Cl\)"):
+        atoms.get_potential_energy()

@@ -80,7 +80,7 @@ def test_cli_bad_input_gives_clear_errors(model_dir, nacl_cif, tmp_path, capsys,
     elif case == "element":
         cu = tmp_path / "cu.cif"
         write(cu, bulk("Cu", "fcc", a=3.61), format="cif")
-        argv, expected = ["relax", str(cu), *args], "element Cu (Z=29) at atom 0 is not one the model was trained on"
+        argv, expected = ["relax", str(cu), *args], "Cu (Z=29): not an element this potential was trained on"
     else:
         argv = ["relax", str(nacl_cif), "--model", str(tmp_path / "no_model"), "--output", str(tmp_path / "o")]
         expected = "model directory not found"

@@ -180,7 +180,7 @@ def test_eval_cli_table_groups_and_errors(reference_run, tmp_path, capsys):
     pt = generate_emt_frames(3, seed=1, elements=("Pt",))
     write(tmp_path / "pt.extxyz", [f.to_atoms() for f in pt])
     assert cli_main(["eval", str(tmp_path / "pt.extxyz"), "--model", model]) == 2
-    assert "not trained on" in capsys.readouterr().err
+    assert "Pt (Z=78): not an element this potential was trained on" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------- data parallel

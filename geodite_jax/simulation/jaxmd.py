@@ -28,7 +28,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from ase import Atoms, units
-from ase.data import chemical_symbols
 from jax_md import dataclasses as jdc
 from jax_md import partition, space
 
@@ -48,15 +47,7 @@ def check_elements(atoms: Atoms, potential: Potential) -> None:
     trainer recorded it, otherwise every Z below ``config.num_elements``.
     """
     validate_atoms(atoms, potential.config.num_elements)
-    allowed = potential.metadata.get("elements")
-    if allowed is None:
-        return
-    allowed_set = {int(z) for z in allowed}
-    for i, z in enumerate(np.asarray(atoms.numbers)):
-        if int(z) not in allowed_set:
-            known = ", ".join(chemical_symbols[k] for k in sorted(allowed_set))
-            raise ValueError(f"element {chemical_symbols[int(z)]} (Z={int(z)}) at atom {i} is not one the model was "
-                             f"trained on ({known})")
+    potential.check_elements(atoms.numbers)
 
 
 def perpendicular_widths(cell: np.ndarray) -> np.ndarray:

@@ -85,17 +85,10 @@ def predict_potential(potential: Potential, ds: Any, indices: Sequence[int] | No
 
 def check_elements(potential: Potential, ds: Any, indices: Sequence[int] | None = None) -> None:
     """Refuse data with elements the potential was not trained on (``metadata["elements"]``, when recorded)."""
-    known = potential.metadata.get("elements")
-    if known is None:
+    if potential.metadata.get("elements") is None:
         return
     present = set(int(z) for z in ds.stats.elements) if indices is None else _elements_of(ds, indices)
-    missing = sorted(present - set(int(z) for z in known))
-    if missing:
-        from ase.data import chemical_symbols
-
-        names = ", ".join(f"{chemical_symbols[z]} (Z={z})" for z in missing)
-        raise ValueError(f"the data contain {names}, which the potential was not trained on "
-                         f"(it knows {', '.join(chemical_symbols[int(z)] for z in known)}); fine-tune it first")
+    potential.check_elements(sorted(present))
 
 
 def _elements_of(ds: Any, indices: Sequence[int]) -> set[int]:
