@@ -140,7 +140,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register ``train`` and ``eval``."""
     tr = sub.add_parser("train", help="train a Geodite potential (default: the EMT demo, no download)",
                         description="Train a Geodite potential. Without --config, the built-in EMT demo recipe is "
-                                    "used (configs/emt-demo.yaml): ~10 minutes on 2 CPU cores.")
+                                    "used (configs/emt-demo.yaml): ~8 minutes on 2 CPU cores.")
     tr.add_argument("--config", help="YAML training recipe (e.g. configs/geodite-mp.yaml); flags override it")
     for field, (kind, text) in _FIELD_FLAGS.items():
         tr.add_argument("--" + field.replace("_", "-"), dest=field, type=kind, default=None, help=text)
