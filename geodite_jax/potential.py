@@ -30,7 +30,8 @@ _META_FILE = "geodite.json"
 _PARAMS_DIR = "params"
 
 
-def _as_dtype(tree: Any, dtype: Any) -> Any:
+def as_dtype(tree: Any, dtype: Any) -> Any:
+    """Floating leaves of ``tree`` as ``dtype`` arrays; integer leaves (species, indices) unchanged."""
     return jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype) if jnp.issubdtype(jnp.asarray(x).dtype,
                                                                                     jnp.floating) else x, tree)
 
@@ -185,14 +186,14 @@ class Potential:
 
     def state(self, dtype: Any = jnp.float32) -> dict[str, Any]:
         """The pytree the energy functions take: params, element energies and scale cast to ``dtype``."""
-        return {"params": _as_dtype(self.params, dtype), "element_energies": jnp.asarray(self.element_energies, dtype),
+        return {"params": as_dtype(self.params, dtype), "element_energies": jnp.asarray(self.element_energies, dtype),
                 "energy_scale": jnp.asarray(self.energy_scale, dtype)}
 
     def vacuum_energies(self, dtype: Any = jnp.float32) -> jnp.ndarray:
         """Per-layer isolated-atom readouts ``[num_elements, T]`` (fixed while the parameters are)."""
         model = self.model
         fn = jax.jit(lambda params: model.apply(params, dtype, method=Geodite.vacuum_energies))
-        return fn(_as_dtype(self.params, dtype))
+        return fn(as_dtype(self.params, dtype))
 
     def check_elements(self, numbers: Any) -> None:
         """``ValueError`` naming any atomic number in ``numbers`` the potential was not trained on.

@@ -16,7 +16,7 @@ import numpy as np
 from ase.units import GPa
 
 from ..config import GeoditeConfig
-from ..potential import Potential, make_predict_fn
+from ..potential import Potential, as_dtype, make_predict_fn
 
 EV_PER_A3_TO_GPA = 1.0 / GPa
 
@@ -29,12 +29,6 @@ class Predictions:
     energy: np.ndarray  # [F] total energy, eV
     forces: np.ndarray  # [sum of n_atoms, 3] eV/Å, frames in the order of ``indices``
     stress: np.ndarray  # [F, 3, 3] eV/Å³ (NaN where undefined)
-
-
-def _to_device(batch: Any, dtype: Any) -> Any:
-    """Float arrays to ``dtype``, integers unchanged (the graph's species, senders, ... stay int32)."""
-    return jax.tree_util.tree_map(
-        lambda x: jnp.asarray(x, dtype) if np.issubdtype(np.asarray(x).dtype, np.floating) else jnp.asarray(x), batch)
 
 
 def predict_dataset(state: dict, config: GeoditeConfig, ds: Any, indices: Sequence[int] | None = None,
@@ -61,7 +55,7 @@ def predict_dataset(state: dict, config: GeoditeConfig, ds: Any, indices: Sequen
 
         batches = tqdm(batches, desc="evaluate", unit="batch", leave=False)
     for batch in batches:
-        out = jax.device_get(predict(state, _to_device(batch.graph, dtype)))
+        out = jax.device_get(predict(state, as_dtype(batch.graph, dtype)))
         node = 0
         for slot, index in enumerate(np.asarray(batch.indices)):
             n = int(batch.graph.n_node[slot])

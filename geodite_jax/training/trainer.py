@@ -32,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 
 from ..config import GeoditeConfig
 from ..elements import MPTRJ_ENERGY_SCALE, mptrj_element_energies
-from ..potential import Potential, make_predict_fn
+from ..potential import Potential, as_dtype, make_predict_fn
 from .checkpoint import load_checkpoint, load_checkpoint_meta, save_checkpoint
 from .config import TrainConfig
 from .evaluation import (
@@ -387,10 +387,6 @@ class Trainer:
         return Potential(self.config, params, self.potential.element_energies, self.potential.energy_scale, meta)
 
     # ------------------------------------------------------------------------------------ evaluation
-    def predict_split(self, state: TrainState, ds: Any) -> Predictions:
-        model_state = {"params": host_copy(state.ema), **self.consts}
-        return predict_dataset(model_state, self.config, ds, dtype=self.dtype, predict=self.predict)
-
     def validate(self, state: TrainState) -> dict[str, float]:
         """Validation metrics of the EMA weights and the validation loss (same normalised loss as training)."""
         from ..data import iterate_batches
@@ -402,9 +398,7 @@ class Trainer:
         sums_total: dict[str, float] = {}
         count_total: dict[str, float] = {}
         for batch in iterate_batches(ds, np.arange(len(ds)), self.budget, shuffle=False):
-            dev = jax.tree_util.tree_map(
-                lambda x: jnp.asarray(x, self.dtype) if np.issubdtype(np.asarray(x).dtype, np.floating)
-                else jnp.asarray(x), batch)
+            dev = as_dtype(batch, self.dtype)
             pred = self.predict(model_state, dev.graph)
             sums = jax.device_get(loss_sums(pred, dev, self.norms, self.cfg.loss, self.cfg.huber_delta))
             for k, v in sums.items():
