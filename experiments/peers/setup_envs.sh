@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create one virtualenv per peer model under experiments/.venvs/<peer>, with exact versions.
 #
-#   bash experiments/peers/setup_envs.sh            # both peers (skips a venv that already works)
+#   bash experiments/peers/setup_envs.sh            # nequix and mace (skips a venv that already works)
+#   bash experiments/peers/setup_envs.sh sevennet   # the SevenNet-0 teacher used to label data (issue 6)
 #   bash experiments/peers/setup_envs.sh mace       # one peer
 #   FORCE=1 bash experiments/peers/setup_envs.sh    # delete and rebuild
 #
@@ -35,6 +36,10 @@ NEQUIX_CHECK="import nequix, jax, jraph, e3nn_jax, equinox, matscipy; \
 assert jax.__version__ == '${NEQUIX_JAX}', jax.__version__; \
 from nequix.calculator import NequixCalculator; \
 print('nequix ok, jax', jax.__version__)"
+
+SEVENNET_CHECK="import sevenn, torch; from sevenn.calculator import SevenNetCalculator; \
+assert torch.__version__.startswith('2.13.0'), torch.__version__; \
+SevenNetCalculator('7net-0', device='cpu'); print('sevennet ok, torch', torch.__version__)"
 
 MACE_CHECK="import mace; from mace.calculators import MACECalculator; from mace.modules import ScaleShiftMACE; \
 import torch; from e3nn import o3; assert torch.__version__.startswith('2.13.0'), torch.__version__; \
@@ -107,6 +112,25 @@ setup_mace() {
   log "mace: done in $((SECONDS - t0)) s ($(du -sh "$venv" | cut -f1))"
 }
 
+setup_sevennet() {  # teacher for labelling (SevenNet-0 weights ship inside the sevenn wheel)
+  local venv="$VENVS/sevennet"
+  if [[ "$FORCE" != "1" ]] && check_env "$venv" "$SEVENNET_CHECK"; then
+    log "sevennet: $venv already works, skipped"
+    return 0
+  fi
+  local t0=$SECONDS
+  make_venv "$venv"
+  log "sevennet: installing torch==2.13.0 first (CPU wheel)"
+  pipq "$venv" torch==2.13.0
+  log "sevennet: installing sevenn==0.13.0"
+  pipq "$venv" torch==2.13.0 sevenn==0.13.0 "${COMMON[@]}"
+  if ! "$venv/bin/python" -c "$SEVENNET_CHECK" 2>/dev/null; then
+    log "sevennet: import check FAILED in $venv"
+    return 1
+  fi
+  log "sevennet: done in $((SECONDS - t0)) s ($(du -sh "$venv" | cut -f1))"
+}
+
 mkdir -p "$VENVS"
 peers=("$@")
 [[ ${#peers[@]} -eq 0 ]] && peers=(nequix mace)
@@ -115,13 +139,14 @@ for p in "${peers[@]}"; do
   case "$p" in
     nequix) setup_nequix || status=1 ;;
     mace) setup_mace || status=1 ;;
-    *) log "unknown peer '$p' (known: nequix mace)"; status=1 ;;
+    sevennet) setup_sevennet || status=1 ;;
+    *) log "unknown peer '$p' (known: nequix mace sevennet)"; status=1 ;;
   esac
 done
 for p in "${peers[@]}"; do
   if [[ -x "$VENVS/$p/bin/python" ]]; then
     log "$p versions: $("$VENVS/$p/bin/python" -m pip freeze 2>/dev/null \
-      | grep -iE '^(nequix|jax|jaxlib|equinox|e3nn|e3nn-jax|jraph|mace-torch|torch|numpy|ase|matscipy)==' \
+      | grep -iE '^(sevenn|nequix|jax|jaxlib|equinox|e3nn|e3nn-jax|jraph|mace-torch|torch|numpy|ase|matscipy)==' \
       | tr '\n' ' ')"
   fi
 done
