@@ -260,11 +260,11 @@ def load_reference_curves(path: str | os.PathLike | None = None, functional: str
 
 # ------------------------------------------------------------------------------------------ evaluation
 def known_elements(potential: Any) -> list[str]:
-    """Elements a potential was trained on: ``metadata["elements"]`` if recorded, else those with a
-    non-zero isolated-atom energy E0 (the data-derived per-element table)."""
+    """Symbols of the elements a potential was trained on: ``metadata["elements"]`` if recorded (atomic
+    numbers, as the trainer writes them, or symbols), else those with a non-zero isolated-atom energy E0."""
     meta = getattr(potential, "metadata", {}) or {}
     if meta.get("elements"):
-        return [str(s) for s in meta["elements"]]
+        return [s if isinstance(s, str) and not s.isdigit() else chemical_symbols[int(s)] for s in meta["elements"]]
     e0 = np.asarray(potential.element_energies)
     limit = min(len(e0), potential.config.num_elements)
     return [chemical_symbols[z] for z in range(1, limit) if e0[z] != 0.0]
