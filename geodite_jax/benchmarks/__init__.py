@@ -1,4 +1,5 @@
-"""Model-independent benchmark tools: Matbench Discovery metrics and relax driver, phonons and κ_SRME, diatomics.
+"""Model-independent benchmark tools: Matbench Discovery metrics and relax driver, phonons and κ_SRME, diatomics,
+MD analysis against reference trajectories (RDF overlap, MSD and diffusivity, stability: :mod:`.md`).
 
 Every metric is a pure NumPy function of predictions and references, re-implemented from the published
 definitions (``../shared/docs/data_and_benchmarks.md`` §2) and unit-tested on hand-computed cases. The
