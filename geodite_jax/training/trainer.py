@@ -136,7 +136,11 @@ def load_datasets(cfg: TrainConfig, model_config: GeoditeConfig) -> Datasets:
 
 
 def label_statistics(ds: Any, max_frames: int = 20_000, seed: int = 0) -> dict[str, float]:
-    """Force RMS (eV/Å) and stress std (eV/Å³) of (a seeded sample of) the training labels."""
+    """Force RMS (eV/Å) and stress std (eV/Å³) of (a seeded sample of) the training labels.
+
+    Computed on ``ds`` itself rather than read from the store's :class:`DatasetStats`, which cover every
+    frame of the store, validation frames included, and hold no stress statistic.
+    """
     idx = np.arange(len(ds))
     if len(idx) > max_frames:
         idx = np.sort(np.random.default_rng(seed).choice(idx, max_frames, replace=False))
