@@ -10,9 +10,11 @@ Figures:
 
 * jax-md NVE (velocity Verlet, dt 1 fs, skin list + per-step tight list, neighbour-list updates included):
   ms/step, µs/atom/step, ns/day;
-* one bare energy+forces evaluation of the same system on the same neighbour list (jitted value_and_grad)
-  and through ``GeoditeCalculator`` (energy, forces, stress; host-side neighbour list and padding);
-  target: MD step / bare evaluation <= 1.10;
+* one energy+forces evaluation of the same positions three ways: jitted value_and_grad of the jax-md energy
+  on the MD's own skin list (its per-evaluation compaction included), jitted value_and_grad of the model on
+  exactly the pairs within the cutoff (host neighbour list, neighbour-block layout, no compaction: the
+  tightest baseline), and a ``GeoditeCalculator`` call (energy, forces, stress; host-side neighbour list and
+  padding); target: MD step / exact-pairs evaluation <= 1.10;
 * ASE ``VelocityVerlet`` driving ``GeoditeCalculator``;
 * replicas: B copies of a 64-atom cell (Si diamond 2x2x2) advanced together in one vmapped block vs one at a
   time, atom-steps/s (target on a GPU: >= 5x). jax-md's minimum-image space needs cells wider than
@@ -80,11 +82,15 @@ def main() -> int:
     args = ap.parse_args()
 
     import jax
+    import jax.numpy as jnp
+    import numpy as np
     from ase import units
     from ase.build import bulk
     from ase.md.verlet import VelocityVerlet
 
     import geodite_jax as gd
+    from geodite_jax.graph import atoms_to_graph, batch_graphs, bucket, max_degree
+    from geodite_jax.potential import make_energy_fn
     from geodite_jax.simulation import MDRunner, MDSettings, ReplicaRunner, jaxmd_system, replica_positions
 
     preset = args.preset or ("tiny" if args.quick else "mp")
@@ -138,11 +144,30 @@ def main() -> int:
     bare_s = statistics.median(bare)
     record["bare_energy_forces"] = {"s": bare_s, "samples_s": bare}
     record["md_step_over_bare"] = step_s / bare_s
-    print(f"bare energy+forces (jitted, same list): {bare_s * 1e3:.1f} ms -> MD step / bare = "
-          f"{step_s / bare_s:.3f} (target <= 1.10)", flush=True)
+    print(f"energy+forces on the MD's skin list (jitted): {bare_s * 1e3:.1f} ms -> MD step / this = "
+          f"{step_s / bare_s:.3f}", flush=True)
+
+    # --- energy + forces on exactly the pairs within the cutoff (no skin, no compaction) --------------------
+    frame = system.to_atoms(R)
+    np_dtype = np.float32 if args.dtype == "float32" else np.float64
+    graph = atoms_to_graph(frame, pot.config.cutoff, pot.config.num_elements, np_dtype)
+    block = bucket(max_degree([graph]), 8, 2, growth=1.05)
+    exact_batch = jax.tree_util.tree_map(jnp.asarray, batch_graphs([graph], bucket(n + 1, 8, 8, growth=1.1), None,
+                                                                   2, neighbours_per_node=block))
+    energy_fn = make_energy_fn(pot.config, neighbours_per_node=block)
+    state, vacuum = pot.state(jnp.dtype(args.dtype)), pot.vacuum_energies(jnp.dtype(args.dtype))
+    exact_vg = jax.jit(jax.value_and_grad(lambda r, g: energy_fn(state, r, g.globals["cell"], g, vacuum)[0]))
+    jax.block_until_ready(exact_vg(exact_batch.nodes["positions"], exact_batch))
+    exact = timed(lambda: jax.block_until_ready(exact_vg(exact_batch.nodes["positions"], exact_batch)),
+                  repeats=10, budget_s=60.0)
+    exact_s = statistics.median(exact)
+    record["exact_pairs_energy_forces"] = {"s": exact_s, "samples_s": exact, "edges": int(graph.n_edge[0]),
+                                           "neighbours_per_node_block": block}
+    record["md_step_over_exact"] = step_s / exact_s
+    print(f"exact-pairs energy+forces (jitted, {int(graph.n_edge[0])} edges, block {block}): {exact_s * 1e3:.1f} ms"
+          f" -> MD step / exact = {step_s / exact_s:.3f} (target <= 1.10)", flush=True)
 
     calc = gd.GeoditeCalculator(pot, dtype=args.dtype)
-    frame = system.to_atoms(R)
     frame.calc = calc
     calc_rec = bc.time_calculator(calc, frame, max_calls=10 if not args.quick else 3, budget_s=60.0)
     record["calculator_energy_forces_stress"] = calc_rec
@@ -198,8 +223,10 @@ def main() -> int:
         a = record["ase_md"]
         md_lines.append(f"| ASE VelocityVerlet + GeoditeCalculator | {a['s_per_step'] * 1e3:.1f} | "
                         f"{a['us_per_atom_step']:.1f} | {a['ns_per_day']:.4f} |")
-    md_lines += ["", f"MD step / bare jitted energy+forces: **{record['md_step_over_bare']:.3f}** (target <= 1.10); "
-                 f"MD step / GeoditeCalculator E+F+S call: {record['md_step_over_calculator']:.3f}.", "",
+    md_lines += ["", f"MD step / jitted energy+forces on exactly the pairs within the cutoff: "
+                 f"**{record['md_step_over_exact']:.3f}** (target <= 1.10); / the same on the MD's skin list: "
+                 f"{record['md_step_over_bare']:.3f}; / a GeoditeCalculator E+F+S call: "
+                 f"{record['md_step_over_calculator']:.3f}.", "",
                  f"Replicas ({args.replica_preset}, Si 64 atoms): {n_replicas} in one vmapped block "
                  f"{batch.atom_steps_per_s:,.0f} atom-steps/s, one at a time {single:,.0f}: "
                  f"**{batch.atom_steps_per_s / single:.2f}x**.", ""]
