@@ -63,25 +63,125 @@ def validate_atoms(atoms: Atoms, num_elements: int | None = None) -> None:
             raise ValueError(f"singular cell along the periodic directions {pbc.tolist()}: {cell.tolist()}")
 
 
+# Largest span (in cutoffs) handed to vesin's cell grid: far beyond it vesin 0.6 dies with SIGFPE (measured:
+# a non-periodic box of 5e5 Å with a 5 Å cutoff, or a periodic one of 1e9 Å), which no Python code can catch.
+MAX_SPAN_CUTOFFS = 1.0e4
+
+
 def neighbour_list(positions: np.ndarray, cell: np.ndarray, pbc: Sequence[bool],
                    cutoff: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """All pairs closer than ``cutoff`` including periodic images (O(N), vesin), sorted by receiver.
+    """All pairs closer than ``cutoff`` including periodic images (O(N)), sorted by receiver.
 
     Handles triclinic cells, mixed periodicity and cells smaller than the cutoff (an atom then sees
     several images of one neighbour, and its own images). Only the zero-shift self pair is excluded.
+
+    Any extent is safe: a free structure is searched with a k-d tree (never a box), and the atoms of a slab
+    or wire are first split into groups separated by more than the cutoff along the non-periodic directions,
+    each searched (vesin) in a box of its own size, so far-apart atoms (one atom 1e6 Å away) are simply
+    isolated. A periodic cell too large for the cell grid is a ``ValueError``.
 
     Returns:
         ``(receivers [E], senders [E], shifts [E, 3] int, distances [E])``.
     """
     pbc = np.asarray(pbc, dtype=bool)
-    box = np.array(cell, dtype=np.float64)
-    if not pbc.all():
-        box = _complete_cell(box, pbc, positions, cutoff)
-    nl = vesin.NeighborList(cutoff=float(cutoff), full_list=True)
-    i, j, shifts, d = nl.compute(np.asarray(positions, np.float64), box, pbc.tolist() if pbc.any() else False,
-                                 "ijSd")
+    positions = np.asarray(positions, np.float64).reshape(-1, 3)
+    cell = np.array(cell, dtype=np.float64)
+    if not pbc.any():
+        i, j, shifts, d = _free_pairs(positions, cutoff)
+    else:
+        i, j, shifts, d = _periodic_pairs(positions, cell, pbc, cutoff)
     order = np.lexsort((j, i))
     return (i[order].astype(np.int32), j[order].astype(np.int32), shifts[order].astype(np.int64), d[order])
+
+
+def _free_pairs(positions: np.ndarray, cutoff: float) -> tuple[np.ndarray, ...]:
+    """Pairs of a free structure (no box at all): k-d tree, both directions, ``d < cutoff``."""
+    from scipy.spatial import cKDTree
+
+    n = len(positions)
+    pairs = cKDTree(positions).query_pairs(float(cutoff), output_type="ndarray") if n > 1 else np.zeros((0, 2), int)
+    pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
+    d = np.linalg.norm(positions[pairs[:, 1]] - positions[pairs[:, 0]], axis=1)
+    keep = d < cutoff
+    a, b, d = pairs[keep, 0], pairs[keep, 1], d[keep]
+    i, j = np.concatenate([a, b]), np.concatenate([b, a])
+    return i, j, np.zeros((len(i), 3), np.int64), np.concatenate([d, d])
+
+
+def _split_by_gaps(coords: np.ndarray, cutoff: float) -> list[np.ndarray]:
+    """Index groups of points such that points of different groups are more than ``cutoff`` apart along at
+    least one of the directions (columns of ``coords``); applied recursively until no gap is left."""
+    groups, done = [np.arange(len(coords))], []
+    while groups:
+        idx = groups.pop()
+        split = False
+        for axis in range(coords.shape[1]):
+            x = coords[idx, axis]
+            order = np.argsort(x, kind="stable")
+            gaps = np.flatnonzero(np.diff(x[order]) >= cutoff)
+            if gaps.size:
+                groups.extend(idx[part] for part in np.split(order, gaps + 1))
+                split = True
+                break
+        if not split:
+            done.append(idx)
+    return done
+
+
+def _periodic_pairs(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float
+                    ) -> tuple[np.ndarray, ...]:
+    """Pairs with periodic images along ``pbc``: positions wrapped into the cell, far-apart groups along the
+    non-periodic directions searched separately (vesin), shifts returned for the unwrapped positions."""
+    periodic = cell[pbc]
+    widths = _perpendicular_spans(cell, pbc)
+    if widths.max() > MAX_SPAN_CUTOFFS * cutoff:
+        raise ValueError(f"periodic cell too large for the neighbour search: lattice spans "
+                         f"{np.round(widths, 1).tolist()} Å exceed {MAX_SPAN_CUTOFFS:g} x the cutoff {cutoff} Å")
+    # Wrap along the periodic directions: r = r_w + m @ cell with integer m (zero along free directions).
+    frac = positions @ np.linalg.pinv(periodic)  # [N, n_periodic] coordinates along the periodic vectors
+    m = np.zeros((len(positions), 3), np.int64)
+    m[:, pbc] = np.floor(frac).astype(np.int64)
+    wrapped = positions - m @ cell
+    if pbc.all():
+        groups = [np.arange(len(positions))]
+    else:
+        # Directions orthogonal to every periodic lattice vector: a gap along them is a gap between all images.
+        _, _, vt = np.linalg.svd(periodic)
+        free_dirs = vt[periodic.shape[0]:]
+        groups = _split_by_gaps(wrapped @ free_dirs.T, cutoff)
+    out_i, out_j, out_s, out_d = [], [], [], []
+    for idx in groups:
+        box = cell.copy() if pbc.all() else _complete_cell(cell, pbc, wrapped[idx], cutoff)
+        if not pbc.all():
+            spans = _perpendicular_spans(box, np.ones(3, bool))
+            if spans.max() > MAX_SPAN_CUTOFFS * cutoff:
+                raise ValueError(f"structure too extended for the neighbour search: a connected group of {len(idx)} "
+                                 f"atoms spans {spans.max():.3g} Å (more than {MAX_SPAN_CUTOFFS:g} x the cutoff "
+                                 f"{cutoff} Å) along a non-periodic direction")
+        nl = vesin.NeighborList(cutoff=float(cutoff), full_list=True)
+        i, j, s, d = nl.compute(wrapped[idx], box, pbc.tolist(), "ijSd")
+        i, j = idx[np.asarray(i, np.int64)], idx[np.asarray(j, np.int64)]
+        s = np.asarray(s, np.int64)
+        s[:, ~pbc] = 0  # never images along a free direction (vesin makes none)
+        out_i.append(i)
+        out_j.append(j)
+        out_s.append(s - m[j] + m[i])  # back to the unwrapped positions
+        out_d.append(np.asarray(d, np.float64))
+    return (np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_s).reshape(-1, 3),
+            np.concatenate(out_d))
+
+
+def _perpendicular_spans(cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
+    """Length of each lattice vector along ``pbc`` projected on the normal of the others (its width), Å."""
+    out = []
+    for k in np.flatnonzero(pbc):
+        others = [cell[a] for a in range(3) if a != k and np.linalg.norm(cell[a]) > 0]
+        normal = np.cross(*others) if len(others) == 2 else np.zeros(3)
+        if np.linalg.norm(normal) < 1e-12:
+            out.append(float(np.linalg.norm(cell[k])))
+        else:
+            out.append(float(abs(cell[k] @ normal) / np.linalg.norm(normal)))
+    return np.asarray(out)
 
 
 def _complete_cell(cell: np.ndarray, pbc: np.ndarray, positions: np.ndarray, cutoff: float) -> np.ndarray:
