@@ -7,6 +7,7 @@ from one jit-compiled autodiff pass, so they are conservative.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -20,7 +21,7 @@ import numpy as np
 
 from .config import GeoditeConfig
 from .elements import MAX_Z, mptrj_element_energies
-from .files import atomic_directory
+from .files import atomic_directory, quiet_failed_orbax_reads, recover_directory
 from .graph import padding_masks
 from .model import Geodite, count_params, init_params
 from .priors import ZBL_UNIVERSAL
@@ -196,21 +197,27 @@ class Potential:
         return fn(as_dtype(self.params, dtype))
 
     def check_elements(self, numbers: Any) -> None:
-        """``ValueError`` naming any atomic number in ``numbers`` the potential was not trained on.
+        """``ValueError`` naming any atomic number in ``numbers`` that is not a valid element (1..118) or that
+        the potential was not trained on.
 
         The trained set is ``metadata["elements"]`` (recorded by the trainer); without it every element
         below ``config.num_elements`` is accepted (an untrained or converted potential).
         """
+        numbers = np.asarray(numbers)
+        bad = np.flatnonzero((numbers < 1) | (numbers > MAX_Z))
+        if bad.size:
+            raise ValueError(f"invalid atomic number {int(numbers.ravel()[bad[0]])} at atom {int(bad[0])} "
+                             f"(valid atomic numbers are 1..{MAX_Z})")
         known = self.metadata.get("elements")
         if known is None:
             return
         known_set = {int(z) for z in known}
-        missing = sorted({int(z) for z in np.unique(np.asarray(numbers))} - known_set)
+        missing = sorted({int(z) for z in np.unique(numbers)} - known_set)
         if missing:
             from ase.data import chemical_symbols
 
             names = ", ".join(f"{chemical_symbols[z]} (Z={z})" for z in missing)
-            trained = ", ".join(chemical_symbols[z] for z in sorted(known_set))
+            trained = ", ".join(chemical_symbols[z] for z in sorted(known_set) if 1 <= z <= MAX_Z)
             raise ValueError(f"{names}: not an element this potential was trained on ({trained}); fine-tune it first")
 
     def _check_params(self) -> None:
@@ -226,14 +233,22 @@ class Potential:
                                  f"needs {tuple(spec.shape)}")
 
     # ----------------------------------------------------------------------------------- persistence
+    def checksum(self) -> str:
+        """``"sha256:<hex>"`` of the parameters (every leaf's path, dtype, shape and bytes, in path order), the
+        element energies and the energy scale: what :meth:`save` stores and :meth:`load` verifies."""
+        return _checksum(self.params, self.element_energies, self.energy_scale)
+
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the bundle to directory ``path`` atomically (a temporary sibling renamed into place)."""
+        """Write the bundle to directory ``path`` atomically (a temporary sibling renamed into place), with a
+        checksum of the parameters, element energies and energy scale in ``geodite.json``."""
         import orbax.checkpoint as ocp
 
+        quiet_failed_orbax_reads()
         path = Path(path).absolute()
         meta = {"format_version": FORMAT_VERSION, "kind": "geodite_jax.Potential",
                 "config": self.config.to_dict(), "element_energies": self.element_energies.tolist(),
-                "energy_scale": self.energy_scale, "num_params": self.num_params, "metadata": self.metadata}
+                "energy_scale": self.energy_scale, "num_params": self.num_params, "metadata": self.metadata,
+                "checksum": self.checksum()}
         with atomic_directory(path) as tmp:
             with ocp.StandardCheckpointer() as ckpt:
                 ckpt.save(tmp / _PARAMS_DIR, jax.tree_util.tree_map(np.asarray, self.params))
@@ -243,10 +258,22 @@ class Potential:
 
     @classmethod
     def load(cls, path: str | os.PathLike, config: GeoditeConfig | None = None) -> Potential:
-        """Read a bundle written by :meth:`save`. ``config``, if given, must equal the stored one."""
+        """Read a bundle written by :meth:`save`. ``config``, if given, must equal the stored one.
+
+        The stored checksum is verified (a ``ValueError`` naming the directory if the parameters, element
+        energies or energy scale changed after saving). Format-version-1 bundles written before checksums
+        were stored (no ``"checksum"`` key) load without the check.
+        """
         import orbax.checkpoint as ocp
 
+        quiet_failed_orbax_reads()
+        given = path
         path = Path(path).absolute()
+        recover_directory(path)  # a save interrupted between its two renames
+        if not path.exists():
+            raise FileNotFoundError(f"no such directory: {given}")
+        if not path.is_dir():
+            raise ValueError(f"{given} is not a directory (a saved potential is a directory)")
         meta_file = path / _META_FILE
         if not meta_file.is_file():
             raise ValueError(f"{path} is not a geodite_jax potential: {_META_FILE} is missing")
@@ -254,6 +281,8 @@ class Potential:
             meta = json.loads(meta_file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{meta_file} is corrupt: {err}") from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"{meta_file} is corrupt: not a JSON object")
         version = meta.get("format_version")
         if version != FORMAT_VERSION:
             raise ValueError(f"{path} has format version {version!r}; this geodite_jax reads version {FORMAT_VERSION}")
@@ -269,4 +298,21 @@ class Potential:
         except Exception as err:  # orbax raises many types for a damaged directory
             raise ValueError(f"cannot read the parameters of {path}: {type(err).__name__}: {err}") from None
         params = jax.tree_util.tree_map(np.asarray, params)
-        return cls(stored, params, np.asarray(meta["element_energies"]), meta["energy_scale"], meta.get("metadata"))
+        pot = cls(stored, params, np.asarray(meta["element_energies"]), meta["energy_scale"], meta.get("metadata"))
+        if "checksum" in meta and pot.checksum() != meta["checksum"]:
+            raise ValueError(f"{path}: the parameters, element energies or energy scale do not match the checksum "
+                             f"stored in {_META_FILE} at save time: the files were changed or damaged after "
+                             "saving")
+        return pot
+
+
+def _checksum(params: Any, element_energies: np.ndarray, energy_scale: float) -> str:
+    digest = hashlib.sha256()
+    leaves = sorted((jax.tree_util.keystr(k), np.ascontiguousarray(v))
+                    for k, v in jax.tree_util.tree_leaves_with_path(params))
+    for key, value in leaves:
+        digest.update(f"{key}|{value.dtype.str}|{value.shape}|".encode())
+        digest.update(value.tobytes())
+    digest.update(np.ascontiguousarray(element_energies, np.float64).tobytes())
+    digest.update(np.float64(energy_scale).tobytes())
+    return "sha256:" + digest.hexdigest()

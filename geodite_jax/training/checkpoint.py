@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from ..files import atomic_directory
+from ..files import atomic_directory, quiet_failed_orbax_reads, recover_directory
 
 CHECKPOINT_VERSION = 1
 _STATE_DIR = "state"
@@ -29,6 +29,7 @@ def save_checkpoint(path: str | os.PathLike, state: Any, meta: dict[str, Any]) -
     """Write the pytree ``state`` (all leaves, exact) and the JSON-able ``meta`` to ``path`` atomically."""
     import orbax.checkpoint as ocp
 
+    quiet_failed_orbax_reads()
     state = jax.device_get(state)
     with atomic_directory(path) as tmp:
         with ocp.StandardCheckpointer() as ckpt:
@@ -39,7 +40,9 @@ def save_checkpoint(path: str | os.PathLike, state: Any, meta: dict[str, Any]) -
 
 
 def load_checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
-    """The JSON part of a checkpoint, with a clear error for a missing or damaged one."""
+    """The JSON part of a checkpoint, with a clear error for a missing or damaged one. A save interrupted
+    between its renames is recovered first (:func:`recover_directory`)."""
+    recover_directory(path)
     meta_file = Path(path) / _META_FILE
     if not meta_file.is_file():
         raise FileNotFoundError(f"no training checkpoint at {path} ({_META_FILE} missing)")
@@ -57,6 +60,7 @@ def load_checkpoint(path: str | os.PathLike, like: Any) -> tuple[Any, dict[str, 
     """Restore a state with the structure, shapes and dtypes of ``like`` (e.g. a freshly initialised state)."""
     import orbax.checkpoint as ocp
 
+    quiet_failed_orbax_reads()
     meta = load_checkpoint_meta(path)
     leaves, treedef = jax.tree_util.tree_flatten(like)
     target = {f"leaf_{i:05d}": np.zeros(np.shape(x), np.asarray(x).dtype) for i, x in enumerate(leaves)}
