@@ -301,3 +301,42 @@ def test_real_mlearn_si_sign():
     assert pressure_gpa[np.argmin(volume)] == pytest.approx(11.8, abs=0.1)
     assert pressure_gpa[np.argmax(volume)] == pytest.approx(-6.7, abs=0.1)
     assert np.corrcoef(volume, pressure_gpa)[0, 1] < -0.5
+
+
+# --------------------------------------------------------------------------------------- broken extxyz
+def _extxyz_lines(n_frames, tmp_path):
+    frames = []
+    for seed in range(n_frames):
+        atoms, lab = _labelled_atoms(seed)
+        atoms.calc = SinglePointCalculator(atoms, **lab)
+        frames.append(atoms)
+    ase.io.write(tmp_path / "whole.extxyz", frames, format="extxyz")
+    return (tmp_path / "whole.extxyz").read_text().splitlines(keepends=True)
+
+
+def test_truncated_extxyz_names_file_frame_and_reason_and_skips(tmp_path, caplog):
+    lines = _extxyz_lines(3, tmp_path)
+    n = int(lines[0])
+    path = tmp_path / "truncated.extxyz"
+    path.write_text("".join(lines[:2 * (n + 2) + 2 + 1]))  # frame 2 keeps 1 of its n atom lines
+    with pytest.raises(ValueError, match=rf"truncated\.extxyz: frame 2 \(line {2 * (n + 2) + 1}\): the file ends "
+                                         rf"after 1 of its {n} atom lines \(truncated\)"):
+        list(read_frames(path))
+    with caplog.at_level(logging.WARNING, logger="geodite_jax.data"):
+        frames = list(read_frames(path, on_error="skip"))
+    assert [f.id.split(":")[-1] for f in frames] == ["0", "1"] and "frame 2" in caplog.text
+    # A frame cut in the middle of the file (the next frame follows at once): that frame alone is lost.
+    cut = tmp_path / "cut.extxyz"
+    cut.write_text("".join(lines[:n + 2 + 2 + 1] + lines[2 * (n + 2):]))
+    with pytest.raises(ValueError, match=rf"cut\.extxyz: frame 1 .*has 1 atom lines, expected {n}"):
+        list(read_frames(cut))
+    frames = list(read_frames(cut, on_error="skip"))
+    assert [f.id.split(":")[-1] for f in frames] == ["0", "2"]
+    assert frames[1].energy == pytest.approx(_labelled_atoms(2)[1]["energy"])
+    bad = tmp_path / "bad_line.extxyz"
+    broken = list(lines)
+    broken[3] = "Cu 0.0 zero 0.0\n"  # an unparsable coordinate in frame 0
+    bad.write_text("".join(broken))
+    with pytest.raises(ValueError, match=r"bad_line\.extxyz: frame 0 \(line 1\): cannot parse the frame"):
+        list(read_frames(bad))
+    assert len(list(read_frames(bad, on_error="skip"))) == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import yaml
 from ase.io import write
 
 import geodite_jax as gd
@@ -23,7 +25,13 @@ from geodite_jax.data import GraphDataset, generate_emt_frames
 from geodite_jax.training import DEMO_RECIPE, TrainConfig, Trainer, train
 from geodite_jax.training.loss import penalty
 from geodite_jax.training.optim import learning_rate_schedule, zclip
-from geodite_jax.training.trainer import initial_potential, label_statistics
+from geodite_jax.training.trainer import (
+    check_labels,
+    initial_potential,
+    label_statistics,
+    open_dataset,
+    prepare_run_directory,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 # A small model and data set: every run below shares one compiled step (same trajectory-defining options).
@@ -233,3 +241,125 @@ def test_two_device_step_equals_one_device_step():
                           cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "WORST" in proc.stdout
+
+
+# --------------------------------------------------------------------------------------- run directories
+def test_a_new_run_into_a_used_out_is_refused_or_overwritten(reference_run, tmp_path):
+    cfg = TrainConfig.from_dict({**SMALL, "out": str(reference_run.out)})
+    for start in (lambda: train(cfg), lambda: Trainer(cfg).run()):  # the CLI's path and the lower-level one
+        with pytest.raises(ValueError, match=r"already holds a run \(.*best.*\); pass --resume to continue it, "
+                                             r"--overwrite to delete it"):
+            start()
+    out = tmp_path / "run"
+    shutil.copytree(reference_run.out, out)
+    (out / "data").mkdir()
+    (out / "data" / "store").write_text("cache")
+    with pytest.raises(ValueError, match="give one of them"):
+        prepare_run_directory(out, resume=True, overwrite=True)
+    prepare_run_directory(out, resume=False, overwrite=True)  # --overwrite: the old outputs go, the cache stays
+    assert os.listdir(out) == ["data"] and (out / "data" / "store").read_text() == "cache"
+    assert not [n for n in os.listdir(tmp_path) if n != "run"]  # nothing left beside it either
+
+
+def test_a_run_never_reports_another_runs_best(reference_run, tmp_path):
+    cfg = TrainConfig.from_dict({**SMALL, "out": str(tmp_path / "run"), "max_steps": 2})
+
+    def plant_old_best(trainer, metrics):  # an old run's best/ appears in --out (copied in, left over, ...)
+        if trainer.step == 1:
+            shutil.copytree(reference_run.out / "best", trainer.out / "best")
+
+    result = Trainer(cfg, hooks=[plant_old_best]).run()  # 2 steps: no validation, so no best of its own
+    assert result.best is None and result.steps == 2
+    assert result.test_metrics["all"] != reference_run.test_metrics["all"]  # errors of this run's final model
+    assert gd.Potential.load(result.out / "final").metadata["run_id"] != \
+        gd.Potential.load(reference_run.out / "best").metadata["run_id"]
+
+
+def test_resume_after_a_kill_while_checkpointing_logs_every_step_once(reference_run, tmp_path, monkeypatch):
+    cfg = TrainConfig.from_dict({**SMALL, "out": str(tmp_path)})  # checkpoints at the ends of epochs only
+
+    class Killed(Exception):
+        pass
+
+    save = Trainer.save
+
+    def save_or_die(self, state):  # dies writing the checkpoint of epoch 2, after logging that epoch
+        if self.epoch == 2:
+            raise Killed
+        save(self, state)
+
+    monkeypatch.setattr(Trainer, "save", save_or_die)
+    with pytest.raises(Killed):
+        Trainer(cfg).run()
+    monkeypatch.undo()
+    checkpoint_step = json.loads((tmp_path / "checkpoints" / "last" / "trainer.json").read_text())["step"]
+    assert max(json.loads(x)["step"] for x in (tmp_path / "log.jsonl").read_text().splitlines()) > checkpoint_step
+    resumed = Trainer(cfg).run(resume=True)
+    assert resumed.steps == reference_run.steps and resumed.steps_run == reference_run.steps - checkpoint_step
+
+    def steps(out, kind):
+        return [json.loads(x)["step"] for x in (out / "log.jsonl").read_text().splitlines() if kind in x]
+
+    for kind in ("train_loss", "valid_loss"):  # each step logged once, as by the uninterrupted run
+        assert steps(tmp_path, kind) == steps(reference_run.out, kind)
+    from geodite_jax.training.plots import _resumed_series
+
+    doubled = [{"step": s} for s in (10, 20, 30, 20, 30, 40)]  # a log of a resumed run before this fix
+    assert [r["step"] for r in _resumed_series(doubled)] == [10, 20, 30, 40]
+
+
+def test_resuming_a_finished_run_says_it_ran_no_step(reference_run, tmp_path, capsys):
+    out = tmp_path / "done"
+    shutil.copytree(reference_run.out, out)
+    recipe = tmp_path / "small.yaml"
+    recipe.write_text(yaml.safe_dump({**SMALL, "out": str(out)}))
+    assert cli_main(["train", "--config", str(recipe), "--resume", "--no-plots"]) == 0
+    printed = capsys.readouterr().out
+    assert f"\n0 steps ({reference_run.steps} in all, with the resumed run's)" in printed, printed
+    assert json.loads((out / "summary.json").read_text())["steps_this_run"] == 0
+
+
+# --------------------------------------------------------------------------------------- labels
+def _write_emt(path, n, labels):
+    """EMT frames as extxyz with the given labels only: energy/forces/stress under their standard keys, or
+    'REF' for REF_energy / REF_forces."""
+    from ase import Atoms
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    out = []
+    for k, f in enumerate(generate_emt_frames(n, seed=4)):
+        atoms = Atoms(numbers=f.numbers, positions=f.positions, cell=f.cell, pbc=f.pbc)
+        if labels == "REF":
+            atoms.info["REF_energy"] = f.energy
+            atoms.arrays["REF_forces"] = f.forces
+        else:
+            results = {"energy": f.energy, "forces": f.forces, "stress": f.stress.ravel()[[0, 4, 8, 5, 2, 1]]}
+            chosen = {key: v for key, v in results.items() if key in labels(k)}
+            atoms.calc = SinglePointCalculator(atoms, **chosen)
+        out.append(atoms)
+    write(path, out, format="extxyz")
+    return path
+
+
+def test_missing_labels_are_errors_naming_the_keys_found_and_the_option(tmp_path, capsys):
+    ref = _write_emt(tmp_path / "ref.extxyz", 20, "REF")
+    small = dict(preset="tiny", progress=False, valid_fraction=0.0, test_fraction=0.0)
+    with pytest.raises(ValueError, match=r"ref\.extxyz: none of its 20 frames has the energy label \(looked for the "
+                                         r"key 'energy'; select the key with --energy-key.*keys found in the file: "
+                                         r"info: REF_energy; per-atom arrays: REF_forces"):
+        Trainer(TrainConfig(train=str(ref), out=str(tmp_path / "a"), **small))
+    no_forces = _write_emt(tmp_path / "no_forces.extxyz", 20, lambda k: ("energy", "stress"))
+    with pytest.raises(ValueError, match=r"none of its 20 frames has the forces label \(looked for the key "
+                                         r"'forces'; select the key with --forces-key .*forces_weight: 0"):
+        Trainer(TrainConfig(train=str(no_forces), out=str(tmp_path / "b"), **small))
+    assert cli_main(["train", "--train", str(no_forces), "--out", str(tmp_path / "c")]) == 2
+    assert "has the forces label" in capsys.readouterr().err
+    # The key options select the labels; a partly labelled set says how many frames lack what.
+    cfg = TrainConfig(train=str(ref), energy_key="REF_energy", forces_key="REF_forces", stress_weight=0.0,
+                      out=str(tmp_path / "d"), **small)
+    assert check_labels(open_dataset(cfg.train, cfg, 5.0, 100, tmp_path / "cache"), cfg) == []
+    partial = _write_emt(tmp_path / "partial.extxyz", 20,
+                         lambda k: ("energy", "stress") if k % 4 == 0 else ("energy", "forces", "stress"))
+    cfg = TrainConfig(train=str(partial), out=str(tmp_path / "e"), **small)
+    assert check_labels(open_dataset(cfg.train, cfg, 5.0, 100, tmp_path / "cache"), cfg) == [
+        "5 of 20 training frames have no forces label (key 'forces'); they are trained without it"]

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                       cache_dir=str(out / "data"), model={**cfg.model, "cutoff": args.cutoff},
                       stress_weight=cfg.stress_weight if args.stress else 0.0, **keys)
     with common.Stopwatch() as sw:
-        result = train(cfg)
+        result = train(cfg, overwrite=True)  # a rerun replaces the earlier run in --out
     print(f"[geodite] trained {result.steps} steps ({args.epochs} epochs) in {sw.wall:.1f} s wall, "
           f"{sw.cpu:.1f} s CPU", flush=True)
 

@@ -59,11 +59,14 @@ def _train(args: argparse.Namespace) -> int:
         print(f"process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} local devices, "
               f"{jax.device_count()} in all")
     t0 = time.perf_counter()
-    result = train(cfg, resume=args.resume)
+    result = train(cfg, resume=args.resume, overwrite=args.overwrite)
     if not result.is_main:
         return 0  # another process of a multi-host run: process 0 reports
     wall = time.perf_counter() - t0
-    print(f"\n{result.steps} steps in {wall / 60:.1f} min (this process); potential saved to {result.out / 'final'}"
+    steps = result.steps if result.steps_run is None else result.steps_run
+    total = f" ({result.steps} in all, with the resumed run's)" if steps != result.steps else ""
+    print(f"\n{steps} step{'s' if steps != 1 else ''}{total} in {wall / 60:.1f} min (this process); "
+          f"potential saved to {result.out / 'final'}"
           + (f", best (lowest validation loss) to {result.out / 'best'}" if result.best is not None else ""))
     if result.test_metrics is not None:
         print("\n" + format_error_table(result.test_metrics, result.baseline_metrics,
@@ -72,7 +75,8 @@ def _train(args: argparse.Namespace) -> int:
     if not args.no_plots:
         _plots(result)
     (result.out / "summary.json").write_text(json.dumps(
-        {"steps": result.steps, "wall_seconds_this_process": wall, "train_seconds_total": result.wall_seconds,
+        {"steps": result.steps, "steps_this_run": result.steps_run,
+         "wall_seconds_this_process": wall, "train_seconds_total": result.wall_seconds,
          "test": result.test_metrics, "baseline": result.baseline_metrics}, indent=1))
     return 0
 
@@ -94,7 +98,10 @@ def _plots(result: Any) -> None:
 def _parse_value(text: str) -> Any:
     import yaml
 
-    return yaml.safe_load(text)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text  # not YAML (e.g. "a:b[c"): the option's own check reads it as a string
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -146,6 +153,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         tr.add_argument("--" + field.replace("_", "-"), dest=field, type=kind, default=None, help=text)
     tr.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other training option (repeatable)")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    tr.add_argument("--overwrite", action="store_true",
+                    help="delete the run already in --out (its models, checkpoints, logs) and start afresh; without "
+                         "it (or --resume) a non-empty --out is refused")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
     tr.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
     tr.add_argument("--distributed", action="store_true",

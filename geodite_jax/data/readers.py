@@ -227,14 +227,89 @@ def _mlearn_frame(record: dict, frame_id: str) -> Frame:
 
 
 def _read_extxyz(path: Path, options: dict) -> Iterator[tuple[str, Any]]:
-    import ase.io
-
+    """Frame ``k`` of the file is parsed on its own (from its own lines), so that a broken frame (truncated,
+    bad line) is reported as frame ``k`` of the file and, with ``on_error="skip"``, skipped."""
     name = _short_name(path)
+    for k, (start, lines, problem) in enumerate(_extxyz_chunks(path)):
+        yield f"{k} (line {start})", (lambda c=lines, p=problem, i=k: _atoms_frame(_parse_extxyz_chunk(c, p),
+                                                                                 f"{name}:{i}", options))
+
+
+def _is_count_line(line: str) -> bool:
+    parts = line.split()
+    return len(parts) == 1 and parts[0].isdigit()
+
+
+def _extxyz_chunks(path: Path) -> Iterator[tuple[int, list[str], str | None]]:
+    """``(first line number, lines, problem)`` per frame of an (ext)xyz file; ``problem`` says why a frame is
+    broken (None if it looks whole). A frame with fewer atom lines than its count line says (a truncated
+    file, or a cut frame followed by the next frame's count line) ends where the atom lines end; reading
+    goes on from the next count line."""
+    with _open(path) as raw:
+        lines = (line.decode("utf-8", errors="replace") for line in raw)
+        number = 0
+        pending: str | None = None
+        while True:
+            if pending is None:
+                line = next(lines, None)
+                number += 1
+            else:
+                line, pending = pending, None
+            if line is None:
+                return
+            if not line.strip():
+                continue  # blank lines between frames or at the end
+            start = number
+            if not _is_count_line(line):
+                yield start, [line], (f"expected an xyz header (the atom count) at line {start}, "
+                                      f"got {line.strip()[:60]!r}")
+                # skip to the next count line
+                while True:
+                    line = next(lines, None)
+                    number += 1
+                    if line is None:
+                        return
+                    if _is_count_line(line):
+                        pending, number = line, number - 1
+                        break
+                continue
+            count = int(line.split()[0])
+            chunk = [line]
+            comment = next(lines, None)
+            number += 1
+            if comment is None:
+                yield start, chunk, f"the file ends after the atom count line ({count} atoms expected)"
+                return
+            chunk.append(comment)
+            problem = None
+            for got in range(count):
+                atom = next(lines, None)
+                number += 1
+                if atom is None:
+                    problem = f"the file ends after {got} of its {count} atom lines (truncated)"
+                    break
+                if _is_count_line(atom):
+                    problem = f"has {got} atom lines, expected {count} (line {number} starts the next frame)"
+                    pending, number = atom, number - 1
+                    break
+                chunk.append(atom)
+            yield start, chunk, problem
+            if problem is not None and pending is None:
+                return
+
+
+def _parse_extxyz_chunk(lines: list[str], problem: str | None) -> Any:
+    import io
+
+    import ase.io
+    from ase.io.extxyz import XYZError
+
+    if problem is not None:
+        raise ValueError(problem)
     try:
-        for k, atoms in enumerate(ase.io.iread(path, index=":", format="extxyz")):
-            yield f"{k}", (lambda a=atoms, i=k: _atoms_frame(a, f"{name}:{i}", options))
-    except (ValueError, IndexError, KeyError) as err:
-        raise ValueError(f"{path}: cannot parse extxyz: {err}") from err
+        return ase.io.read(io.StringIO("".join(lines)), index=0, format="extxyz")
+    except (XYZError, ValueError, IndexError, KeyError, TypeError) as err:
+        raise ValueError(f"cannot parse the frame: {type(err).__name__}: {err}") from None
 
 
 def _read_ase_db(path: Path, options: dict) -> Iterator[tuple[str, Any]]:
@@ -267,6 +342,36 @@ def _atoms_frame(atoms: Any, default_id: str, options: dict) -> Frame:
             raise ValueError(f"energy='corrected' needs one of {_CORRECTED_KEYS} in the frame's info")
     return Frame.from_atoms(atoms, energy_key=energy_key, forces_key=options["forces_key"],
                             stress_key=options["stress_key"], group_key=group_key, id=default_id)
+
+
+def describe_label_keys(path: str | Path, format: str | None = None) -> str:  # noqa: A002
+    """The label-like keys of the first frame of an extxyz / ASE-db file, for error messages
+    (``"info: REF_energy, config_type; per-atom arrays: REF_forces; calculator: (none)"``); "" otherwise."""
+    path = Path(path)
+    try:
+        format = format or detect_format(path)  # noqa: A001
+        if format == "extxyz":
+            first = next(iter(_extxyz_chunks(path)), None)
+            if first is None or first[2] is not None:
+                return ""
+            atoms = _parse_extxyz_chunk(first[1], None)
+        elif format == "ase-db":
+            import ase.db
+
+            row = next(iter(ase.db.connect(path, create_indices=False).select(limit=1)), None)
+            if row is None:
+                return ""
+            atoms = row.toatoms()
+            atoms.info.update(row.key_value_pairs)
+            atoms.info.update(getattr(row, "data", {}) or {})
+        else:
+            return ""
+    except Exception:  # noqa: BLE001 - only a hint for an error message
+        return ""
+    results = sorted(atoms.calc.results) if atoms.calc is not None and hasattr(atoms.calc, "results") else []
+    arrays = sorted(k for k in atoms.arrays if k not in ("numbers", "positions"))
+    return (f"info: {', '.join(sorted(atoms.info)) or '(none)'}; per-atom arrays: {', '.join(arrays) or '(none)'}; "
+            f"calculator results: {', '.join(results) or '(none)'}")
 
 
 def split_indices(n: int, fractions: Sequence[float], seed: int = 0,

@@ -225,6 +225,15 @@ class GraphDataset:
             out[sel] = np.asarray(shard["pbc"])[self._local[sel]]
         return out
 
+    def label_flags(self) -> dict[str, np.ndarray]:
+        """``{"energy", "forces", "stress"}``: ``[F]`` bool, whether each frame has that label."""
+        out = {k: np.zeros(len(self), bool) for k in ("energy", "forces", "stress")}
+        for s, shard in enumerate(self._shards):
+            sel = self._shard_of == s
+            for k in out:
+                out[k][sel] = np.asarray(shard[f"has_{k}"])[self._local[sel]]
+        return out
+
     @property
     def stats(self) -> DatasetStats:
         """Statistics (stored ones for a whole store, computed on first use for views and in-memory sets)."""

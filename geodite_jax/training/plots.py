@@ -63,12 +63,28 @@ def parity_plot(pred: Predictions, ds: Any, path: str | Path, baseline: Predicti
     return path
 
 
+def _resumed_series(records: list[dict]) -> list[dict]:
+    """One record per step: where the steps go back (a log written by a resumed run before logs were
+    truncated on resume), the later records replace the earlier ones from that step on."""
+    out: list[dict] = []
+    for record in records:
+        while out and out[-1]["step"] >= record["step"]:
+            out.pop()
+        out.append(record)
+    return out
+
+
 def learning_curves(log_file: str | Path, path: str | Path, title: str = "") -> Path:
     """Training loss (per logged window) and validation MAEs (per epoch) against the step, log scale."""
     plt = _pyplot()
-    records = [json.loads(line) for line in Path(log_file).read_text().splitlines() if line.strip()]
-    train = [r for r in records if "train_loss" in r]
-    valid = [r for r in records if "valid_loss" in r]
+    records = []
+    for line in Path(log_file).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+    train = _resumed_series([r for r in records if "train_loss" in r])
+    valid = _resumed_series([r for r in records if "valid_loss" in r])
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     axes[0].semilogy([r["step"] for r in train], [r["train_loss"] for r in train], label="train", lw=0.8)
     if valid:

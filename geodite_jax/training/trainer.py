@@ -17,7 +17,11 @@ import hashlib
 import json
 import math
 import os
+import shutil
+import sys
+import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -77,6 +81,110 @@ class TrainResult:
     data: Datasets
     test_predictions: Predictions | None = None
     is_main: bool = True  # False on the other processes of a multi-host run (they write nothing)
+    steps_run: int | None = None  # steps taken by this call (``steps`` counts the resumed ones too)
+
+
+# ------------------------------------------------------------------------------------------ run directory
+# Entries of a run directory that belong to no run: the preprocessed-data cache, keyed by the data files'
+# content and the reading options. Everything else in ``--out`` is some run's output.
+_SHARED_ENTRIES = ("data",)
+
+
+def run_outputs(out: Path) -> list[str]:
+    """Names of the entries of ``out`` that some run wrote (all but the data cache); [] if none."""
+    if not out.is_dir():
+        return []
+    return sorted(p.name for p in out.iterdir() if p.name not in _SHARED_ENTRIES)
+
+
+def prepare_run_directory(out: str | os.PathLike, resume: bool, overwrite: bool, clear: bool = True) -> None:
+    """Refuse or clear a non-empty ``out`` for a new run.
+
+    A new run (not ``resume``) needs an ``out`` without another run's outputs, or ``overwrite``: the old
+    outputs are then moved aside in one rename (the data cache is kept) and deleted, so nothing of the old
+    run (best/, checkpoints, logs, error tables) can be taken for the new one's. ``clear=False`` only checks.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory; give a directory for the run")
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite deletes it: give one of them")
+    found = [] if resume else run_outputs(out)
+    if not found:
+        return
+    if not overwrite:
+        shown = ", ".join(found[:6]) + (", ..." if len(found) > 6 else "")
+        raise ValueError(f"--out {out} already holds a run ({shown}); pass --resume to continue it, --overwrite "
+                         "to delete it and start afresh, or another --out")
+    if not clear:
+        return
+    out = out.absolute()
+    trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.overwritten-", dir=out.parent))
+    os.replace(out, trash / "run")  # one rename: the old run is gone from --out at once
+    out.mkdir()
+    for name in _SHARED_ENTRIES:
+        if (trash / "run" / name).exists():
+            os.replace(trash / "run" / name, out / name)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def truncate_log(log_file: Path, step: int) -> None:
+    """Keep the records of ``log_file`` up to ``step`` (the checkpoint a run resumes from), so that the
+    steps after it, which the resumed run repeats, are not logged twice. Rewritten atomically."""
+    if not log_file.is_file():
+        return
+    kept = []
+    for line in log_file.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line)
+    tmp = log_file.with_name(f".{log_file.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, log_file)
+
+
+# --------------------------------------------------------------------------------------------- labels
+_LABEL_OPTIONS = {"energy": ("energy_key", "--energy-key"), "forces": ("forces_key", "--forces-key"),
+                  "stress": ("stress_key", "--stress-key")}
+
+
+def check_labels(ds: Any, cfg: TrainConfig) -> list[str]:
+    """Refuse training data without the labels the loss needs; return warnings for partly labelled data.
+
+    Errors: no frame with an energy (needed by the energy loss and the least-squares E0), or no frame with
+    forces / stress while ``forces_weight`` / ``stress_weight`` > 0 (stress only if a frame is periodic:
+    molecules have none). The message names the key looked for, the option that selects it, and the keys
+    found in the file.
+    """
+    flags = ds.label_flags()
+    n = len(ds)
+    weights = {"energy": cfg.energy_weight, "forces": cfg.forces_weight, "stress": cfg.stress_weight}
+    needed = {"energy": cfg.energy_weight > 0 or cfg.element_energies == "fit", "forces": cfg.forces_weight > 0,
+              "stress": cfg.stress_weight > 0 and bool(np.asarray(ds.pbc).any())}
+    warnings = []
+    for label, have in flags.items():
+        count = int(np.sum(have))
+        field, flag = _LABEL_OPTIONS[label]
+        key = getattr(cfg, field)
+        if count == 0 and needed[label]:
+            source = cfg.train
+            found = ""
+            if source != "emt" and Path(source).is_file():
+                from ..data.readers import describe_label_keys
+
+                keys = describe_label_keys(source, cfg.format or None)
+                found = f"; keys found in the file: {keys}" if keys else ""
+            hint = (f"select the key with {flag} (or {field}: in the recipe)"
+                    + (f", or set {label}_weight: 0 to train without it" if label != "energy" else ""))
+            raise ValueError(f"training data {source}: none of its {n} frames has the {label} label (looked for "
+                             f"the key {key!r}; {hint}){found}")
+        if 0 < count < n and (weights[label] > 0 or label == "energy"):
+            warnings.append(f"{n - count} of {n} training frames have no {label} label (key {key!r}); they "
+                            f"are trained without it")
+    return warnings
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -317,6 +425,8 @@ class Trainer:
         self.dtype = jnp.float64 if cfg.dtype == "float64" else jnp.float32
         model_config = (Potential.load(cfg.finetune_from).config if cfg.finetune_from else cfg.model_config())
         self.data = load_datasets(cfg, model_config)
+        for warning in check_labels(self.data.train, cfg):
+            print(f"warning: {warning}", file=sys.stderr)
         self.stats = label_statistics(self.data.train, seed=cfg.seed)
         self.potential = initial_potential(cfg, self.data.train, self.stats)
         self.config = self.potential.config
@@ -345,6 +455,10 @@ class Trainer:
         self.step = 0  # optimiser steps taken (mirrors state.step on the host)
         self.best_valid = math.inf
         self.elapsed = 0.0
+        self.start_step = 0  # the step this run started (or resumed) at
+        # Identifies the run across resumptions: stored in its checkpoints and in the potentials it saves, so
+        # that a run never reports a best/ written by another run.
+        self.run_id = uuid.uuid4().hex
 
     # ------------------------------------------------------------------------------------ state
     def initial_state(self) -> TrainState:
@@ -358,7 +472,7 @@ class Trainer:
                 "batch_in_epoch": self.batch_in_epoch, "best_valid": self.best_valid, "elapsed": self.elapsed,
                 "element_energies": self.potential.element_energies.tolist(),
                 "energy_scale": self.potential.energy_scale, "norms": self.norms._asdict(),
-                "steps_per_epoch": self.steps_per_epoch, "history": self.history}
+                "steps_per_epoch": self.steps_per_epoch, "history": self.history, "run_id": self.run_id}
 
     def save(self, state: TrainState) -> None:
         if self.is_main:
@@ -383,11 +497,13 @@ class Trainer:
         self.epoch, self.batch_in_epoch = meta["epoch"], meta["batch_in_epoch"]
         self.best_valid, self.elapsed, self.history = meta["best_valid"], meta["elapsed"], meta["history"]
         self.step = meta["step"]
+        self.run_id = meta.get("run_id")  # None: a checkpoint written before run ids were stored
         return jax.tree_util.tree_map(jnp.asarray, state)
 
     def export(self, state: TrainState, use_ema: bool = True) -> Potential:
         params = host_copy(state.ema if use_ema else state.params)
-        meta = {**self.potential.metadata, "trained_steps": int(state.step), "train_config": self.cfg.to_dict()}
+        meta = {**self.potential.metadata, "trained_steps": int(state.step), "train_config": self.cfg.to_dict(),
+                "run_id": self.run_id}
         return Potential(self.config, params, self.potential.element_energies, self.potential.energy_scale, meta)
 
     # ------------------------------------------------------------------------------------ evaluation
@@ -414,13 +530,20 @@ class Trainer:
         return {f"valid_{k}": float(v) for k, v in metrics.items()}
 
     # ------------------------------------------------------------------------------------ loop
-    def run(self, resume: bool = False) -> TrainResult:
+    def run(self, resume: bool = False, overwrite: bool = False) -> TrainResult:
+        """Train from scratch into an ``out`` without another run's outputs (``overwrite``: delete them
+        first), or ``resume`` the run in ``out`` from its last checkpoint."""
         from ..data import iterate_batches, num_batches, prefetch
 
         cfg = self.cfg
+        if self.is_main:
+            prepare_run_directory(self.out, resume, overwrite)
         self.out.mkdir(parents=True, exist_ok=True)
         state = replicate(self.restore() if resume else self.initial_state(), self.mesh)
+        self.start_step = self.step
         if self.is_main:
+            if resume:
+                truncate_log(self.out / "log.jsonl", self.step)
             (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
         log = (self.out / "log.jsonl").open("a") if self.is_main else open(os.devnull, "w")  # noqa: SIM115
         key = replicate(jax.random.PRNGKey(cfg.seed), self.mesh)
@@ -428,7 +551,7 @@ class Trainer:
         start = time.perf_counter() - self.elapsed
         last_save_time = time.perf_counter()
         last_save_step = self.step
-        stop = False
+        stop = bool(cfg.max_steps and self.step >= cfg.max_steps)  # a resumed run already at its step cap
         bar = None
         if cfg.progress and self.is_main:
             from tqdm.auto import tqdm
@@ -513,10 +636,13 @@ class Trainer:
         final = self.export(state)
         if not self.is_main:
             return TrainResult(final, None, self.history, None, None, self.step, self.elapsed, self.out, self.data,
-                               is_main=False)
+                               is_main=False, steps_run=self.step - self.start_step)
         final.save(self.out / "final")
         best_dir = self.out / "best"
         best = Potential.load(best_dir) if best_dir.exists() else None
+        if best is not None and best.metadata.get("run_id") != self.run_id:
+            print(f"warning: ignoring {best_dir}: another run wrote it", file=sys.stderr)
+            best = None
         test_metrics = baseline = pred = None
         if self.data.test is not None and int(state.step) > 0:
             chosen = best if best is not None else final
@@ -532,7 +658,7 @@ class Trainer:
             np.savez(self.out / "test_predictions.npz", energy=pred.energy, forces=pred.forces, stress=pred.stress,
                      indices=pred.indices)
         return TrainResult(final, best, self.history, test_metrics, baseline, int(state.step), self.elapsed,
-                           self.out, self.data, pred)
+                           self.out, self.data, pred, steps_run=self.step - self.start_step)
 
 
 def _epoch_line(record: dict[str, Any]) -> str:
@@ -541,6 +667,9 @@ def _epoch_line(record: dict[str, Any]) -> str:
             f"S {record['valid_stress_mae'] * 160.21766:.4f} GPa  lr {record['lr']:.2e}")
 
 
-def train(cfg: TrainConfig, resume: bool = False, hooks: list | None = None) -> TrainResult:
-    """Run ``cfg`` to the end (or its ``max_steps`` / ``max_minutes``); see :class:`Trainer`."""
-    return Trainer(cfg, hooks).run(resume=resume)
+def train(cfg: TrainConfig, resume: bool = False, hooks: list | None = None, overwrite: bool = False) -> TrainResult:
+    """Run ``cfg`` to the end (or its ``max_steps`` / ``max_minutes``); see :class:`Trainer` and
+    :func:`prepare_run_directory` (checked before the data are read)."""
+    if jax.process_index() == 0:
+        prepare_run_directory(cfg.out, resume, overwrite, clear=False)
+    return Trainer(cfg, hooks).run(resume=resume, overwrite=overwrite)
