@@ -46,8 +46,13 @@ def _info(args: argparse.Namespace) -> int:
 
     import geodite_jax as gd
 
-    pot = gd.Potential.load(args.model)
-    print(f"model: {args.model}\nparameters: {pot.num_params:,}\nconfig: {pot.config}\n"
+    if args.model_flag and args.model and args.model_flag != args.model:
+        raise ValueError(f"two models given: --model {args.model_flag} and {args.model}; give one (--model)")
+    model = args.model_flag or args.model
+    if not model:
+        raise ValueError("no model given: geodite info --model DIR")
+    pot = gd.Potential.load(model)
+    print(f"model: {model}\nparameters: {pot.num_params:,}\nconfig: {pot.config}\n"
           f"energy scale: {pot.energy_scale}\nmetadata: {pot.metadata}\njax {jax.__version__} on {jax.devices()}")
     return 0
 
@@ -64,15 +69,20 @@ def _convert(args: argparse.Namespace) -> int:
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register ``demo``, ``info`` and ``convert``."""
     demo = sub.add_parser("demo", help="evaluate an untrained Geodite-MP-size model on a few crystals")
-    demo.add_argument("--preset", default="mp", choices=["mp", "tiny"])
-    demo.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--repeats", type=int, default=3)
+    demo.add_argument("--preset", default="mp", choices=["mp", "tiny"],
+                      help="model size: mp (Geodite-MP, the default) or tiny (55 k parameters)")
+    demo.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="evaluation precision")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the random (untrained) weights")
+    demo.add_argument("--repeats", type=int, default=3, help="evaluations per structure for the timing")
     demo.set_defaults(func=_demo)
-    info = sub.add_parser("info", help="describe a saved potential")
-    info.add_argument("model")
+    info = sub.add_parser("info", help="describe a saved potential",
+                          description="Describe a saved potential: parameters, config, energy scale, metadata.")
+    info.add_argument("--model", dest="model_flag", metavar="MODEL", default=None,
+                      help="saved potential directory (as in every other command)")
+    info.add_argument("model", nargs="?", default=None,
+                      help="the same, as a positional argument (kept for old scripts; --model is preferred)")
     info.set_defaults(func=_info)
     conv = sub.add_parser("convert", help="convert a checkpoint of the authors' PyTorch Geodite (needs torch)")
-    conv.add_argument("checkpoint")
-    conv.add_argument("output")
+    conv.add_argument("checkpoint", help="the authors' PyTorch checkpoint (.ckpt / .pt)")
+    conv.add_argument("output", help="directory to write the converted potential to (geodite_jax format)")
     conv.set_defaults(func=_convert)

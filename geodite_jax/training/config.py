@@ -139,7 +139,10 @@ class TrainConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"training config {path} not found")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path}: not a valid YAML recipe: {' '.join(str(err).split())}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of options, got {type(data).__name__}")
         merged = cls.from_dict(data).to_dict()
