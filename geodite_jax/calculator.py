@@ -28,11 +28,20 @@ class GeoditeCalculator(Calculator):
     Structures are padded to grow-only size buckets, so an MD run or a relaxation compiles a few times
     at most. ``dtype="float64"`` switches JAX to 64-bit mode for the whole process.
     Stress (ASE convention, eV/Å³, Voigt order) is defined only for periodic structures.
+
+    ``chunk_edges``: edge slots per chunk of receiver nodes (``None``: the model's default, ``0``: no
+    chunks). Chunks bound the memory of an evaluation by the node state and one ``[E, F]`` edge state per
+    layer; the numbers do not depend on it.
     """
+
+    #: Graphs with at least this many edges always use the neighbour-block layout (chunked, bounded
+    #: memory), even where uneven degrees waste slots; smaller irregular graphs use the sparse layout.
+    BLOCK_LAYOUT_EDGES = 20_000
 
     implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
 
-    def __init__(self, potential: Potential, dtype: str = "float32", **kwargs: Any) -> None:
+    def __init__(self, potential: Potential, dtype: str = "float32", chunk_edges: int | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
@@ -40,6 +49,7 @@ class GeoditeCalculator(Calculator):
             enable_float64()
         self.potential = potential
         self.dtype = dtype
+        self.chunk_edges = chunk_edges
         jdtype = _DTYPES[dtype]
         self._state = potential.state(jdtype)
         self._vacuum = potential.vacuum_energies(jdtype) if potential.config.vacuum else None
@@ -56,7 +66,8 @@ class GeoditeCalculator(Calculator):
     def _predictor(self, neighbours_per_node: int | None) -> Any:
         if neighbours_per_node not in self._predictors:
             self._predictors[neighbours_per_node] = jax.jit(
-                make_predict_fn(self.potential.config, neighbours_per_node=neighbours_per_node))
+                make_predict_fn(self.potential.config, neighbours_per_node=neighbours_per_node,
+                                chunk_edges=self.chunk_edges))
         return self._predictors[neighbours_per_node]
 
     def calculate(self, atoms: Atoms | None = None, properties: list[str] | None = None,
@@ -73,8 +84,9 @@ class GeoditeCalculator(Calculator):
         n_edges = int(graph.n_edge[0])
         self._node_budget = max(self._node_budget, bucket(len(atoms) + 1, 8, 8, growth=1.1))
         block = max(self._block_budget, bucket(max(max_degree([graph]), 1), 8, 2, growth=1.05))
-        if self._node_budget * block <= 1.25 * max(n_edges, 1):
-            # Uniform degrees (crystals, liquids): neighbour blocks, sums by reshaping (faster, less memory).
+        if self._node_budget * block <= 1.25 * max(n_edges, 1) or n_edges >= self.BLOCK_LAYOUT_EDGES:
+            # Uniform degrees (crystals, liquids) or a large graph: neighbour blocks, sums by reshaping,
+            # evaluated in chunks of receivers (faster, memory bounded).
             self._block_budget = block
             batch = batch_graphs([graph], self._node_budget, None, 2, neighbours_per_node=block)
         else:

@@ -10,6 +10,7 @@ Symbols follow the design note (``docs/geodite_paper.md``), §3.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -30,6 +31,9 @@ xavier = nn.initializers.xavier_uniform(dtype=jnp.float32)
 # implementation holds them in a float32 buffer, so converted checkpoints reproduce it exactly.
 _INV_3 = float(np.float32(1.0 / 3.0))
 _INV_5 = float(np.float32(1.0 / 5.0))
+#: Edge slots per chunk of receiver nodes (block layout): small enough that a chunk's [C·M, 8, F] working
+#: set stays in cache, large enough that the per-chunk loop overhead is negligible (see README, Speed).
+DEFAULT_CHUNK_EDGES = 1024
 
 
 @struct.dataclass
@@ -46,6 +50,7 @@ class Edges:
     num_nodes: int = struct.field(pytree_node=False)
     block: int | None = struct.field(pytree_node=False, default=None)
     sorted_receivers: bool = struct.field(pytree_node=False, default=False)
+    chunk_edges: int | None = struct.field(pytree_node=False, default=None)
 
     def aggregate(self, data: jnp.ndarray) -> jnp.ndarray:
         """Σ over each node's incoming edges: ``[E, ...] -> [N, ...]``."""
@@ -63,6 +68,66 @@ class Edges:
     def at_senders(self, data: jnp.ndarray) -> jnp.ndarray:
         """Node data on each edge's sender: ``[N, ...] -> [E, ...]``."""
         return data[self.senders]
+
+    @property
+    def chunk(self) -> int | None:
+        """Receiver nodes per chunk for a budget of ``chunk_edges`` edge slots, or None (one pass).
+
+        Only the block layout is chunked: a chunk of C nodes owns exactly C·M consecutive edges. The chunk is
+        balanced (and preferably a divisor of N) so that padding the node count costs at most a few nodes.
+        """
+        if not self.block or not self.chunk_edges or self.num_nodes * self.block <= self.chunk_edges:
+            return None
+        target = max(1, self.chunk_edges // self.block)
+        n_chunks = -(-self.num_nodes // target)
+        size = -(-self.num_nodes // n_chunks)
+        for c in range(size, max(1, size // 2) - 1, -1):  # a divisor of N nearby avoids padding copies
+            if self.num_nodes % c == 0:
+                return c
+        return size
+
+    def map_chunks(self, fn: Callable[..., tuple[jnp.ndarray, ...]], node_local: tuple[jnp.ndarray, ...],
+                   edge_local: tuple[jnp.ndarray, ...], out_kinds: tuple[str, ...]) -> tuple[jnp.ndarray, ...]:
+        """``fn(edges_c, *node_local_c, *edge_local_c)`` over chunks of receiver nodes, outputs concatenated.
+
+        ``node_local`` arrays ``[N, ...]`` and ``edge_local`` arrays ``[E, ...]`` are sliced per chunk (the
+        chunk's receivers and their edges); anything else ``fn`` needs (node arrays gathered at senders,
+        weights) it closes over whole. ``out_kinds[k]`` is "node" (``[C, ...]`` per chunk -> ``[N, ...]``) or
+        "edge" (``[C·M, ...]`` -> ``[E, ...]``). Without chunks (:attr:`chunk` None) ``fn`` runs once on the
+        whole graph.
+
+        Each chunk is a ``jax.checkpoint``: the backward pass recomputes the chunk's edge intermediates
+        instead of keeping them, so no ``[E, 8, F]`` array ever exists whole, and the working set of one
+        chunk stays in cache. The numbers do not depend on the chunk size (sums run within a node's block).
+        """
+        with jax.named_scope(fn.__name__):  # names the block in profiles (experiments/profile_eval.py)
+            return self._map_chunks(fn, node_local, edge_local, out_kinds)
+
+    def _map_chunks(self, fn: Callable[..., tuple[jnp.ndarray, ...]], node_local: tuple[jnp.ndarray, ...],
+                    edge_local: tuple[jnp.ndarray, ...], out_kinds: tuple[str, ...]) -> tuple[jnp.ndarray, ...]:
+        chunk = self.chunk
+        if chunk is None:
+            return fn(self, *node_local, *edge_local)
+        n, m = self.num_nodes, self.block
+        n_chunks = -(-n // chunk)
+        pad = n_chunks * chunk - n
+
+        def split(x: jnp.ndarray, rows: int) -> jnp.ndarray:
+            if pad:  # zero rows: zero edge features contribute exactly nothing, and are sliced off below
+                x = jnp.concatenate([x, jnp.zeros((pad * rows // chunk, *x.shape[1:]), x.dtype)])
+            return x.reshape(n_chunks, rows, *x.shape[1:])
+
+        xs = (split(self.senders, chunk * m), tuple(split(x, chunk) for x in node_local),
+              tuple(split(x, chunk * m) for x in edge_local))
+
+        @jax.checkpoint
+        def body(args: tuple) -> tuple[jnp.ndarray, ...]:
+            senders, nodes, edges = args
+            return fn(Edges(senders, None, chunk, m, True), *nodes, *edges)
+
+        outs = jax.lax.map(body, xs)
+        return tuple(o.reshape(-1, *o.shape[2:])[: n if kind == "node" else n * m]
+                     for o, kind in zip(outs, out_kinds, strict=True))
 
 
 class EdgeGeometry(nn.Module):
@@ -109,11 +174,20 @@ class NodeInit(nn.Module):
         w_e = self.param("W_e", xavier, (k, f))
         dtype = phi.dtype
 
-        m = edges.aggregate(edges.at_senders(embed_nbr.astype(dtype)[species]) * (phi @ w_phi))
-        rho = edges.aggregate(soft_neighbour_terms(phi, w_density))
+        nbr = embed_nbr.astype(dtype)[species]
+
+        def neighbour_sums(ec: Edges, phi_c: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+            return (ec.aggregate(ec.at_senders(nbr) * (phi_c @ w_phi)),
+                    ec.aggregate(soft_neighbour_terms(phi_c, w_density)))
+
+        m, rho = edges.map_chunks(neighbour_sums, (), (phi,), ("node", "node"))
         x = jnp.concatenate([embed_self.astype(dtype)[species], m / (1.0 + rho)[:, None]], axis=-1)
         h = jax.nn.silu(x @ w_1) @ w_2
-        t = (edges.at_receivers(h) + edges.at_senders(h)) * (phi @ w_e)
+
+        def edge_features(ec: Edges, h_c: jnp.ndarray, phi_c: jnp.ndarray) -> tuple[jnp.ndarray]:
+            return ((ec.at_receivers(h_c) + ec.at_senders(h)) * (phi_c @ w_e),)
+
+        (t,) = edges.map_chunks(edge_features, (h,), (phi,), ("edge",))
         return h, t
 
 
@@ -138,10 +212,6 @@ class Interaction(nn.Module):
         w_x2, w_v2 = p("W_x2", (f, 3 * f)), p("W_v2", (f, 3 * f))
         w_a, w_f = p("W_a", (f, f)), p("W_f", (f, 3 * f))
         w_density = p("w_density", (cfg.num_rbf, 1))[:, 0]
-        edge_maps = [w_a, w_f]
-        if not self.last:
-            w_t1 = p("W_t1", (f, cfg.edge_mlp_features))
-            edge_maps.append(w_t1)
 
         # 1. Joint RMS norm of (h, X); the residual stream continues from the normalised features.
         nu = h**2 + (x_st[:, L1] ** 2).sum(1) * _INV_3 + (x_st[:, L2] ** 2).sum(1) * _INV_5
@@ -150,55 +220,76 @@ class Interaction(nn.Module):
         x_st = jnp.concatenate([(norm_scale[1] * g)[:, None] * x_st[:, L1],
                                 (norm_scale[2] * g)[:, None] * x_st[:, L2]], axis=1)
 
-        # 2-3. Node and edge projections, each fused into one matmul.
+        # 2-3. Node projections, fused into one matmul; edge projections per chunk.
         q, k, hx, hv = jnp.split(h @ jnp.concatenate([w_q, w_k, w_x1, w_v1], 1), 4, axis=-1)
         vx = jnp.concatenate([jax.nn.silu(hv) @ w_v2, jax.nn.silu(hx) @ w_x2], axis=-1)  # [N, 6F]
-        te = t @ jnp.concatenate(edge_maps, axis=1)
-        a, filt = jax.nn.silu(te[:, :f]), te[:, f:4 * f]
+        w_edge = jnp.concatenate([w_a, w_f], axis=1)
+        keep = None
+        if cfg.attention_dropout and not deterministic:  # the mask is drawn whole: numbers don't depend on chunks
+            keep = nn.Dropout(cfg.attention_dropout)(jnp.ones((e, heads), t.dtype), deterministic=False)
 
-        # 4. Attention without softmax: a neighbour crossing r_c changes no other weight.
-        qka = (edges.at_receivers(q) * edges.at_senders(k) * a).reshape(e, heads, f // heads).sum(-1)
-        alpha = jax.nn.silu(qka) / math.sqrt(f)
-        alpha = nn.Dropout(cfg.attention_dropout)(alpha, deterministic=deterministic)
+        def messages(ec: Edges, q_c: jnp.ndarray, t_c: jnp.ndarray, sh_c: jnp.ndarray,
+                     *keep_c: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+            """One chunk's aggregated invariant ``[C, F]`` and steerable ``[C, 8, F]`` messages (unnormalised)."""
+            n_e = t_c.shape[0]
+            te = t_c @ w_edge
+            a, filt = jax.nn.silu(te[:, :f]), te[:, f:]
+            # 4. Attention without softmax: a neighbour crossing r_c changes no other weight.
+            qka = (ec.at_receivers(q_c) * ec.at_senders(k) * a).reshape(n_e, heads, f // heads).sum(-1)
+            alpha = jax.nn.silu(qka) / math.sqrt(f)
+            if keep_c:
+                alpha = alpha * keep_c[0]
+            # 5-6. Values attended per head (contiguous 3F/H blocks), plus the spatial filter.
+            vx_j = ec.at_senders(vx)
+            v_j, x_j = vx_j[:, :3 * f], vx_j[:, 3 * f:]
+            o = (v_j.reshape(n_e, heads, 3 * f // heads) * alpha[:, :, None]).reshape(n_e, 3 * f) + filt * x_j
+            o_s, o_d, o_x = o[:, :f], o[:, f:2 * f], o[:, 2 * f:]
+            # 7. Messages.
+            msg_x = o_d[:, None, :] * sh_c[:, :, None] + o_x[:, None, :] * ec.at_senders(x_st)
+            return ec.aggregate(o_s), ec.aggregate(msg_x)
 
-        # 5-6. Values attended per head (contiguous 3F/H blocks), plus the spatial filter.
-        vx_j = edges.at_senders(vx)
-        v_j, x_j = vx_j[:, :3 * f], vx_j[:, 3 * f:]
-        o = (v_j.reshape(e, heads, 3 * f // heads) * alpha[:, :, None]).reshape(e, 3 * f) + filt * x_j
-        o_s, o_d, o_x = o[:, :f], o[:, f:2 * f], o[:, 2 * f:]
-
-        # 7-8. Messages, density-normalised aggregation.
-        msg_x = o_d[:, None, :] * sh[:, :, None] + o_x[:, None, :] * edges.at_senders(x_st)
+        edge_local = (t, sh) if keep is None else (t, sh, keep)
+        sum_s, sum_x = edges.map_chunks(messages, (q,), edge_local, ("node", "node"))
+        # 8. Density-normalised aggregation.
         inv_density = 1.0 / (1.0 + edges.aggregate(soft_neighbour_terms(phi / cfg.num_rbf, w_density)))
-        h = h + edges.aggregate(o_s) * inv_density[:, None]
-        x_st = x_st + edges.aggregate(msg_x) * inv_density[:, None, None]
+        h = h + sum_s * inv_density[:, None]
+        x_st = x_st + sum_x * inv_density[:, None, None]
 
         if not self.last:
-            t = t + self._edge_update(te[:, 4 * f:], x_st, t, sh, edges)
+            t = self._edge_update(x_st, t, sh, edges)
         return h, x_st, t
 
-    def _edge_update(self, t_hidden: jnp.ndarray, x_st: jnp.ndarray, t: jnp.ndarray, sh: jnp.ndarray,
-                     edges: Edges) -> jnp.ndarray:
-        """Δt_ij from inner products of receiver and sender steerables with the edge direction projected out."""
+    def _edge_update(self, x_st: jnp.ndarray, t: jnp.ndarray, sh: jnp.ndarray, edges: Edges) -> jnp.ndarray:
+        """t + Δt_ij, from inner products of receiver and sender steerables with the edge direction projected out.
+
+        ``x_st [N, 8, F], t [E, F], sh [E, 8]`` -> ``[E, F]``.
+        """
         cfg = self.config
         f, fe = cfg.num_features, cfg.edge_features
         p = lambda name, shape: self.param(name, xavier, shape)  # noqa: E731
+        w_t1 = p("W_t1", (f, cfg.edge_mlp_features))
         w_t2 = p("W_t2", (cfg.edge_mlp_features, f))
         w_qv, w_k1, w_k2 = p("W_Q", (f, fe)), p("W_K1", (f, fe)), p("W_K2", (f, fe))
         ln_scale = self.param("ln_scale", nn.initializers.ones, (fe,))
         ln_bias = self.param("ln_bias", nn.initializers.zeros, (fe,))
         w_w = p("W_w", (fe, f))
+        q_nodes = x_st @ w_qv  # [N, 8, Fe]
+        k_nodes = jnp.concatenate([x_st[:, L1] @ w_k1, x_st[:, L2] @ w_k2], axis=1)
 
-        q_i = edges.at_receivers(x_st @ w_qv)  # [E, 8, Fe]
-        k_j = edges.at_senders(jnp.concatenate([x_st[:, L1] @ w_k1, x_st[:, L2] @ w_k2], axis=1))
-        # Q⊥·K⊥ = Q·K − (Y·Q)(Y·K) per degree, since |Y^l| = 1.
-        s_q = sh[:, :, None] * q_i
-        s_k = sh[:, :, None] * k_j
-        w = ((q_i * k_j).sum(1) - s_q[:, L1].sum(1) * s_k[:, L1].sum(1) - s_q[:, L2].sum(1) * s_k[:, L2].sum(1))
-        mean = w.mean(-1, keepdims=True)
-        var = ((w - mean) ** 2).mean(-1, keepdims=True)
-        w = (w - mean) * jax.lax.rsqrt(var + 1e-5) * ln_scale + ln_bias
-        return jax.nn.silu(jax.nn.silu(t_hidden) @ w_t2) * (w @ w_w)
+        def edge_update(ec: Edges, q_c: jnp.ndarray, t_c: jnp.ndarray, sh_c: jnp.ndarray) -> tuple[jnp.ndarray]:
+            q_i = ec.at_receivers(q_c)  # [C·M, 8, Fe]
+            k_j = ec.at_senders(k_nodes)
+            # Q⊥·K⊥ = Q·K − (Y·Q)(Y·K) per degree, since |Y^l| = 1.
+            s_q = sh_c[:, :, None] * q_i
+            s_k = sh_c[:, :, None] * k_j
+            w = ((q_i * k_j).sum(1) - s_q[:, L1].sum(1) * s_k[:, L1].sum(1) - s_q[:, L2].sum(1) * s_k[:, L2].sum(1))
+            mean = w.mean(-1, keepdims=True)
+            var = ((w - mean) ** 2).mean(-1, keepdims=True)
+            w = (w - mean) * jax.lax.rsqrt(var + 1e-5) * ln_scale + ln_bias
+            return (t_c + jax.nn.silu(jax.nn.silu(t_c @ w_t1) @ w_t2) * (w @ w_w),)
+
+        (t,) = edges.map_chunks(edge_update, (q_nodes,), (t, sh), ("edge",))
+        return t
 
 
 class Coupling(nn.Module):
@@ -240,15 +331,21 @@ class Geodite(nn.Module):
     ``{"nn": [N], "zbl": [N], "nn_per_layer": [N, T]}``; the atom energy is
     ``E0[Z] + s_E (nn + zbl)``. Edge j -> i carries ``vectors = r_j + shift·cell − r_i``; every vector
     must have a positive length (pad with vectors longer than the cutoff: they contribute exactly 0).
+
+    ``chunk_edges``: in the neighbour-block layout every layer runs over chunks of receiver nodes holding
+    about this many edge slots each (``None``: :data:`DEFAULT_CHUNK_EDGES`; ``0``: one pass over the whole
+    graph). Memory then grows only with the node state and the per-layer edge state ``[E, F]``; the numbers
+    are the same for any chunk size.
     """
 
     config: GeoditeConfig
+    chunk_edges: int | None = None
 
     def setup(self) -> None:
         cfg = self.config
         self.geometry = EdgeGeometry(cfg)
         self.node_init = NodeInit(cfg)
-        layer_cls = nn.remat(Layer, static_argnums=(7,))  # counted with self if cfg.remat else Layer
+        layer_cls = nn.remat(Layer, static_argnums=(7,)) if cfg.remat else Layer  # argnum 7 (with self): deterministic
         self.layers = [layer_cls(cfg, last=(i == cfg.num_layers - 1)) for i in range(cfg.num_layers)]
         # One bias-free Linear(F, 1) per layer, Xavier-uniform as in the reference (fan_in F, fan_out 1).
         readout_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=-1, out_axis=-2,
@@ -299,7 +396,9 @@ class Geodite(nn.Module):
         if neighbours_per_node is not None and vectors.shape[0] != n * neighbours_per_node:
             raise ValueError(f"neighbours_per_node={neighbours_per_node} needs {n} x {neighbours_per_node} edges, "
                              f"got {vectors.shape[0]}")
-        edges = Edges(senders, receivers, n, neighbours_per_node, sorted_receivers or bool(neighbours_per_node))
+        chunk_edges = DEFAULT_CHUNK_EDGES if self.chunk_edges is None else self.chunk_edges
+        edges = Edges(senders, receivers, n, neighbours_per_node, sorted_receivers or bool(neighbours_per_node),
+                      chunk_edges or None)
         r, sh, phi, rcov_sum = self.geometry(vectors, species, edges)
         per_layer = self._encode(species, sh, phi, edges, deterministic)
         if cfg.vacuum:

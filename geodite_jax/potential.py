@@ -50,19 +50,20 @@ def edge_vectors(positions: jnp.ndarray, cell: jnp.ndarray, graph: jraph.GraphsT
     return positions[graph.senders] - positions[graph.receivers] + offsets
 
 
-def make_energy_fn(config: GeoditeConfig, sorted_receivers: bool = True,
-                   neighbours_per_node: int | None = None) -> Callable[..., tuple[jnp.ndarray, dict]]:
+def make_energy_fn(config: GeoditeConfig, sorted_receivers: bool = True, neighbours_per_node: int | None = None,
+                   chunk_edges: int | None = None) -> Callable[..., tuple[jnp.ndarray, dict]]:
     """``fn(state, positions, cell, graph, vacuum=None, dropout_rng=None) -> (E_total, aux)``, differentiable in
     positions, cell and ``state``; with a ``dropout_rng`` the attention dropout is on (training).
 
     ``sorted_receivers``: the graph's receivers are non-decreasing (as :func:`batch_graphs` makes them).
     ``neighbours_per_node``: the graph uses the block layout of ``batch_graphs(..., neighbours_per_node=M)``.
+    ``chunk_edges``: edge slots per chunk of receiver nodes in the block layout (see :class:`Geodite`).
 
     ``state = {"params", "element_energies" [119], "energy_scale"}``. ``aux`` holds ``node_energies [N]``
     (zero on padding), ``energy [G]`` and the unscaled components. Padding edges get a dummy vector
     longer than the cutoff (exactly zero contribution, finite gradients).
     """
-    model = Geodite(config)
+    model = Geodite(config, chunk_edges)
     pad_vector = np.array([2.0 * config.cutoff + 1.0, 0.0, 0.0])
 
     def fn(state: dict, positions: jnp.ndarray, cell: jnp.ndarray, graph: jraph.GraphsTuple,
@@ -89,14 +90,14 @@ def make_energy_fn(config: GeoditeConfig, sorted_receivers: bool = True,
     return fn
 
 
-def make_predict_fn(config: GeoditeConfig, sorted_receivers: bool = True,
-                    neighbours_per_node: int | None = None) -> Callable[..., dict[str, jnp.ndarray]]:
+def make_predict_fn(config: GeoditeConfig, sorted_receivers: bool = True, neighbours_per_node: int | None = None,
+                    chunk_edges: int | None = None) -> Callable[..., dict[str, jnp.ndarray]]:
     """``predict(state, graph, vacuum=None, dropout_rng=None) -> {"energy" [G], "forces" [N,3], "stress", ...}``.
 
     One autodiff pass gives forces and the strain derivative; stress is σ = (1/V) ∂E/∂ε (ASE sign, eV/Å³),
     NaN for graphs without volume (molecules). Not jitted: wrap it in ``jax.jit``.
     """
-    energy_fn = make_energy_fn(config, sorted_receivers, neighbours_per_node)
+    energy_fn = make_energy_fn(config, sorted_receivers, neighbours_per_node, chunk_edges)
 
     def predict(state: dict, graph: jraph.GraphsTuple, vacuum: jnp.ndarray | None = None,
                 dropout_rng: jax.Array | None = None) -> dict[str, jnp.ndarray]:

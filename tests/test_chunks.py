@@ -1,0 +1,109 @@
+"""Chunked evaluation over receiver nodes: the same numbers as one pass, and bounded intermediates."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from ase.build import bulk
+
+import geodite_jax as gd
+from geodite_jax.model import Edges
+
+
+@pytest.fixture(scope="module")
+def block_batch(tiny):
+    """A rattled 16-atom Si cell in the neighbour-block layout, padded to a prime node count (17)."""
+    atoms = bulk("Si", "diamond", a=5.43, cubic=True).repeat((1, 1, 2))
+    atoms.rattle(0.08, seed=3)
+    graph = gd.atoms_to_graph(atoms, tiny.config.cutoff, tiny.config.num_elements, np.float64)
+    block = gd.max_degree([graph]) + 2
+    batch = gd.batch_graphs([graph], 17, None, 2, neighbours_per_node=block)
+    return jax.tree_util.tree_map(jnp.asarray, batch), block
+
+
+def predict(pot, batch, block, chunk_edges, **kwargs):
+    fn = jax.jit(gd.make_predict_fn(pot.config, neighbours_per_node=block, chunk_edges=chunk_edges))
+    return fn(pot.state(jnp.float64), batch, **kwargs)
+
+
+@pytest.mark.parametrize("nodes_per_chunk", [1, 5])
+def test_chunked_equals_one_pass_in_float64(tiny, block_batch, nodes_per_chunk):
+    batch, block = block_batch
+    edges = Edges(batch.senders, batch.receivers, 17, block, True, nodes_per_chunk * block)
+    assert edges.chunk is not None and edges.chunk <= nodes_per_chunk
+    whole = predict(tiny, batch, block, 0)
+    chunked = predict(tiny, batch, block, nodes_per_chunk * block)
+    for key in ("energy", "forces", "stress", "node_energies", "nn_per_layer"):
+        np.testing.assert_allclose(chunked[key], whole[key], rtol=0, atol=1e-10, err_msg=key)
+
+
+def test_chunk_sizes_balance_and_pad_little():
+    none = jnp.zeros(0, jnp.int32)
+    assert Edges(none, none, 1000, 40, True, 40 * 1000).chunk is None  # fits one chunk
+    assert Edges(none, none, 1000, 40, True, None).chunk is None  # chunking off
+    assert Edges(none, none, 1000, None, True, 64).chunk is None  # sparse layout: one pass
+    assert Edges(none, none, 1000, 40, True, 1024).chunk == 25  # a divisor: no padding
+    size = Edges(none, none, 67, 10, True, 50).chunk  # prime node count: padded by less than one chunk
+    assert size <= 5 and math.ceil(67 / size) * size - 67 < size
+
+
+def test_parameter_gradients_of_a_force_loss_match(tiny, block_batch):
+    """Training differentiates forces with respect to the parameters: chunks must not change that either."""
+    batch, block = block_batch
+
+    def loss(chunk_edges):
+        fn = gd.make_predict_fn(tiny.config, neighbours_per_node=block, chunk_edges=chunk_edges)
+
+        def value(params):
+            out = fn({**tiny.state(jnp.float64), "params": params}, batch)
+            return out["energy"][0] ** 2 + jnp.sum(out["forces"] ** 2) + jnp.sum(out["stress"] ** 2)
+
+        return jax.jit(jax.value_and_grad(value))(tiny.state(jnp.float64)["params"])
+
+    (v0, g0), (v1, g1) = loss(0), loss(4 * block)
+    np.testing.assert_allclose(v1, v0, rtol=1e-12)
+    for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g0), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_attention_dropout_does_not_depend_on_chunks(tiny, block_batch):
+    batch, block = block_batch
+    rng = jax.random.PRNGKey(5)
+    whole = predict(tiny, batch, block, 0, dropout_rng=rng)
+    chunked = predict(tiny, batch, block, 3 * block, dropout_rng=rng)
+    deterministic = predict(tiny, batch, block, 0)
+    assert abs(float(whole["energy"][0] - deterministic["energy"][0])) > 1e-6  # dropout did act
+    np.testing.assert_allclose(chunked["forces"], whole["forces"], atol=1e-10)
+    np.testing.assert_allclose(chunked["energy"], whole["energy"], atol=1e-10)
+
+
+def _largest_intermediate(jaxpr) -> int:
+    """Largest number of elements of any value produced anywhere in a (closed) jaxpr, sub-jaxprs included."""
+    largest = 0
+    for eqn in jaxpr.eqns:
+        for var in eqn.outvars:
+            largest = max(largest, int(np.prod(getattr(var.aval, "shape", ()))))
+        for param in eqn.params.values():
+            subs = param if isinstance(param, (tuple, list)) else (param,)
+            for sub in subs:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    largest = max(largest, _largest_intermediate(inner))
+    return largest
+
+
+def test_no_edge_steerable_array_exists_whole(tiny, block_batch):
+    """Forces and stress of the chunked model never build an [E, 8, F] (or larger) array, forward or backward."""
+    batch, block = block_batch
+    n_edges, f = batch.senders.shape[0], tiny.config.num_features
+    state = tiny.state(jnp.float64)
+    sizes = {}
+    for chunk_edges in (0, 4 * block):
+        fn = gd.make_predict_fn(tiny.config, neighbours_per_node=block, chunk_edges=chunk_edges)
+        sizes[chunk_edges] = _largest_intermediate(jax.make_jaxpr(fn)(state, batch).jaxpr)
+    assert sizes[0] >= n_edges * 8 * f  # the one-pass model does (so the check can fail)
+    assert sizes[4 * block] <= n_edges * 2 * f  # chunked: at most edge state [E, F]-sized arrays
