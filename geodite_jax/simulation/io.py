@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
 from pathlib import Path
 from typing import Any
@@ -55,36 +56,84 @@ def frame(atoms: Atoms, energy: float, forces: np.ndarray | None = None, stress:
 class TrajectoryWriter:
     """Appends frames to an extxyz file (positions, cell, momenta, energy, forces, stress, info).
 
-    ``append=False`` starts a new file; ``True`` (a resumed run) adds to an existing one.
+    ``append=False`` starts a new file; ``True`` (a resumed run) adds to an existing one. Each frame is
+    formatted in memory and written with one ``write`` and a flush, so a killed process leaves at most one
+    partial frame at the end of the file; :attr:`size` (bytes of complete frames) is what a checkpoint
+    records, and :func:`truncate_outputs` cuts the file back to it.
     """
 
     def __init__(self, path: str | os.PathLike, append: bool = False) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not append and self.path.exists():
-            self.path.unlink()
+        self._fh = open(self.path, "ab" if append else "wb")  # noqa: SIM115 (closed in close())
+        self.size = self._fh.seek(0, os.SEEK_END)
 
     def write(self, atoms: Atoms) -> None:
         from ase.io import write
 
-        write(str(self.path), atoms, format="extxyz", append=True)
+        buffer = io.StringIO()
+        write(buffer, atoms, format="extxyz")
+        data = buffer.getvalue().encode()
+        self._fh.write(data)
+        self._fh.flush()
+        self.size += len(data)
+
+    def close(self) -> None:
+        self._fh.close()
 
 
 class CSVLog:
-    """One row per logged step: :data:`LOG_FIELDS`."""
+    """One row per logged step: :data:`LOG_FIELDS`; each row is one ``write`` and a flush (see
+    :class:`TrajectoryWriter`), :attr:`size` the bytes of complete rows."""
 
     def __init__(self, path: str | os.PathLike, append: bool = False) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         new = not (append and self.path.exists())
-        self._fh = open(self.path, "w" if new else "a", newline="")  # noqa: SIM115 (closed in close())
-        self._writer = csv.DictWriter(self._fh, fieldnames=LOG_FIELDS)
+        self._fh = open(self.path, "wb" if new else "ab")  # noqa: SIM115 (closed in close())
+        self.size = self._fh.seek(0, os.SEEK_END)
         if new:
-            self._writer.writeheader()
+            self._write_row(list(LOG_FIELDS))
+
+    def _write_row(self, values: list[Any]) -> None:
+        buffer = io.StringIO()
+        csv.writer(buffer).writerow(values)
+        data = buffer.getvalue().encode()
+        self._fh.write(data)
+        self._fh.flush()
+        self.size += len(data)
 
     def write(self, record: dict[str, float]) -> None:
-        self._writer.writerow({k: record[k] for k in LOG_FIELDS})
-        self._fh.flush()
+        self._write_row([record[k] for k in LOG_FIELDS])
 
     def close(self) -> None:
         self._fh.close()
+
+
+def output_record(path: str | os.PathLike, size: int) -> dict[str, Any]:
+    """What a checkpoint records of an output file: its resolved path and the bytes written so far."""
+    return {"path": str(Path(path).resolve()), "bytes": int(size)}
+
+
+def truncate_outputs(records: dict[str, dict[str, Any]], paths: dict[str, str | os.PathLike | None]) -> None:
+    """Cut each output file back to the size a checkpoint recorded (dropping frames and rows written after it,
+    and any partial one left by a killed process).
+
+    ``records``: ``{"trajectory": output_record(...), "log": ...}`` from the checkpoint; ``paths``: the files
+    this run appends to. A file other than the recorded one is left alone; the recorded one shorter than
+    recorded (it was edited or replaced) is a ``ValueError``.
+    """
+    for name, path in paths.items():
+        record = records.get(name)
+        if path is None or record is None:
+            continue
+        path = Path(path)
+        if str(path.resolve()) != record["path"] or not path.exists():
+            continue
+        size = path.stat().st_size
+        if size < record["bytes"]:
+            raise ValueError(f"{path} has {size} bytes, fewer than the {record['bytes']} the checkpoint recorded: "
+                             "it was changed after the checkpoint; resume into a new file")
+        if size > record["bytes"]:
+            with open(path, "r+b") as fh:
+                fh.truncate(record["bytes"])

@@ -21,14 +21,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from ase import units
-from jax_md import quantity, simulate
+from jax_md import simulate
 
-from .io import CSVLog, TrajectoryWriter, frame
+from .io import CSVLog, TrajectoryWriter, frame, output_record, truncate_outputs
 from .jaxmd import GeoditeNeighborList, JaxMDSystem, box_perpendicular_widths
 
 ENSEMBLES = ("nve", "nvt", "npt")
 THERMOSTATS = ("langevin", "nose-hoover")
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: + neighbour-list state and output sizes (1 still reads)
 MAX_REDO = 8
 
 
@@ -86,15 +86,27 @@ class MDSettings:
 
 @pydc.dataclass
 class MDState:
-    """Where a run stands: the jax-md integrator state, its neighbour list and the step count."""
+    """Where a run stands: the jax-md integrator state, its neighbour list and the step count.
+
+    ``outputs``: set by :meth:`MDRunner.resume`: the trajectory and log sizes the checkpoint recorded, to
+    which a resumed :meth:`MDRunner.run` truncates them.
+    """
 
     state: Any
     neighbors: GeoditeNeighborList
     step: int = 0
+    outputs: dict | None = None
 
     @property
     def position(self) -> jnp.ndarray:
         return self.state.position
+
+
+def _kinetic_energy(momentum: jnp.ndarray, mass: jnp.ndarray) -> jnp.ndarray:
+    """Σ p² / 2m in the run's dtype (jax-md's ``quantity.kinetic_energy`` asks for a float64 sum, which in
+    float32 mode JAX truncates with a "float64 not available" warning)."""
+    mass = jnp.reshape(mass, (-1, 1)) if jnp.ndim(mass) else mass
+    return 0.5 * jnp.sum(momentum**2 / mass)
 
 
 def _is_npt(settings: MDSettings) -> bool:
@@ -164,7 +176,7 @@ class MDRunner:
         def observe(state: Any, nbr: GeoditeNeighborList) -> dict[str, jnp.ndarray]:
             box = box_of(state)
             energy, forces, stress = efs(state.position, nbr, box)
-            kinetic = quantity.kinetic_energy(momentum=state.momentum, mass=state.mass)
+            kinetic = _kinetic_energy(state.momentum, state.mass)
             out = {"potential": energy, "kinetic": kinetic, "forces": forces, "stress": stress,
                    "temperature": 2.0 * kinetic / (3 * n_atoms * units.kB)}
             if box is not None:
@@ -225,7 +237,7 @@ class MDRunner:
                            "state became non-finite (time step too large or an unstable structure?)")
 
     def _check_box(self, state: Any) -> None:
-        if not _is_npt(self.settings):
+        if not _is_npt(self.settings) or self.system.multi_image:  # the multi-image list takes any width
             return
         widths = box_perpendicular_widths(self.box_of(state))
         need = 2 * (self.system.cutoff + self.system.skin)
@@ -264,6 +276,8 @@ class MDRunner:
             raise ValueError(f"the state is already at step {md.step}, beyond steps={steps}")
         if block < 1:
             raise ValueError(f"block must be a positive number of steps, got {block}")
+        if append and md.outputs:  # drop what was written after the checkpoint (and any partial frame or row)
+            truncate_outputs(md.outputs, {"trajectory": trajectory, "log": log})
         writer = TrajectoryWriter(trajectory, append=append) if trajectory is not None else None
         csv_log = CSVLog(log, append=append) if log is not None else None
         bar = _progress(steps, md.step) if progress else None
@@ -292,10 +306,17 @@ class MDRunner:
                 md = self.advance(md, n)
                 emit()
                 if checkpoint is not None:
-                    self.save_checkpoint(md, checkpoint)
+                    outputs = {}
+                    if writer is not None:
+                        outputs["trajectory"] = output_record(writer.path, writer.size)
+                    if csv_log is not None:
+                        outputs["log"] = output_record(csv_log.path, csv_log.size)
+                    self.save_checkpoint(md, checkpoint, outputs=outputs)
                 if bar is not None:
                     bar.update(n)
         finally:
+            if writer is not None:
+                writer.close()
             if csv_log is not None:
                 csv_log.close()
             if bar is not None:
@@ -303,15 +324,28 @@ class MDRunner:
         return md
 
     # ------------------------------------------------------------------------------- checkpoint / resume
-    def save_checkpoint(self, md: MDState, path: str | os.PathLike) -> Path:
-        """Write the integrator state (positions, momenta, thermostat/barostat chains, box, RNG key) and the
-        step to ``path`` (``.npz``) atomically: a temporary file renamed over the old one."""
+    def save_checkpoint(self, md: MDState, path: str | os.PathLike, outputs: dict | None = None) -> Path:
+        """Write everything the next step depends on to ``path`` (``.npz``) atomically (a temporary file renamed
+        over the old one): the integrator state (positions, momenta, forces, thermostat/barostat chains, box,
+        RNG key) and the neighbour list (skin-list indices and reference positions, tight capacity and
+        occupancy), every array in the run's own dtype, plus the step and ``outputs`` (trajectory and log sizes,
+        see :func:`~geodite_jax.simulation.io.output_record`). :meth:`resume` rebuilds exactly this state, so a
+        resumed run is bitwise the uninterrupted one."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         leaves = jax.tree_util.tree_leaves(md.state)
+        skin = md.neighbors.skin
+        nbr_leaves = jax.tree_util.tree_leaves(skin)
+        statics = {f.name: getattr(skin, f.name) for f in pydc.fields(skin) if f.metadata.get("static")
+                   and isinstance(getattr(skin, f.name), (int, float, type(None)))}
         meta = {"version": CHECKPOINT_VERSION, "step": md.step, "settings": pydc.asdict(self.settings),
-                "species": self.system.species.tolist(), "n_leaves": len(leaves)}
+                "species": self.system.species.tolist(), "n_leaves": len(leaves),
+                "neighbors": {"type": type(skin).__name__, "n_leaves": len(nbr_leaves), "static": statics,
+                              "capacity": int(md.neighbors.capacity)},
+                "outputs": outputs or {}}
         arrays = {f"leaf_{i}": np.asarray(x) for i, x in enumerate(leaves)}
+        arrays.update({f"nbr_{i}": np.asarray(x) for i, x in enumerate(nbr_leaves)})
+        arrays["tight_count"] = np.asarray(md.neighbors.tight_count)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
         os.close(fd)
         try:
@@ -323,7 +357,10 @@ class MDRunner:
         return path
 
     def resume(self, path: str | os.PathLike) -> MDState:
-        """The state saved by :meth:`save_checkpoint`, with a fresh neighbour list; checks it fits this run."""
+        """The state saved by :meth:`save_checkpoint`, neighbour list included; checks it fits this run.
+
+        A version-1 checkpoint (no neighbour list stored) gets a fresh list: the run continues correctly but
+        not bitwise as the uninterrupted one."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"MD checkpoint not found: {path}")
@@ -331,9 +368,12 @@ class MDRunner:
             with np.load(path) as data:
                 meta = json.loads(str(data["meta"]))
                 arrays = [data[f"leaf_{i}"] for i in range(meta["n_leaves"])]
+                nbr_meta = meta.get("neighbors")
+                nbr_arrays = [data[f"nbr_{i}"] for i in range(nbr_meta["n_leaves"])] if nbr_meta else None
+                tight_count = data["tight_count"] if nbr_meta else None
         except (OSError, ValueError, KeyError) as err:
             raise ValueError(f"{path} is not a readable MD checkpoint: {err}") from None
-        if meta.get("version") != CHECKPOINT_VERSION:
+        if meta.get("version") not in (1, CHECKPOINT_VERSION):
             raise ValueError(f"{path}: checkpoint version {meta.get('version')!r}, expected {CHECKPOINT_VERSION}")
         if meta["species"] != self.system.species.tolist():
             raise ValueError(f"{path} holds a different structure ({len(meta['species'])} atoms) than this run")
@@ -345,11 +385,34 @@ class MDRunner:
         leaves, treedef = jax.tree_util.tree_flatten(template)
         if len(leaves) != len(arrays):
             raise ValueError(f"{path} does not match this ensemble's state ({len(arrays)} vs {len(leaves)} arrays)")
+        for a, t in zip(arrays, leaves, strict=True):
+            if a.dtype != np.dtype(t.dtype):
+                raise ValueError(f"{path} was written in {a.dtype}, this run is {np.dtype(t.dtype)}: use the "
+                                 "checkpoint's --dtype")
         state = jax.tree_util.tree_unflatten(
             treedef, [jnp.asarray(a, t.dtype).reshape(t.shape) for a, t in zip(arrays, leaves, strict=True)])
         box = self.box_of(state)
-        nbr = self.system.allocate(state.position, box)
-        return MDState(state, nbr, int(meta["step"]))
+        if nbr_meta is None:
+            nbr = self.system.allocate(state.position, box)
+        else:
+            nbr = self._restore_neighbors(path, state, box, nbr_meta, nbr_arrays, tight_count)
+        return MDState(state, nbr, int(meta["step"]), meta.get("outputs") or None)
+
+    def _restore_neighbors(self, path: Path, state: Any, box: Any, nbr_meta: dict, arrays: list[np.ndarray],
+                           tight_count: np.ndarray) -> GeoditeNeighborList:
+        """The saved neighbour list, its arrays set into a freshly allocated one of the same kind and statics."""
+        template = self.system.allocate(state.position, box)
+        skin = template.skin
+        if type(skin).__name__ != nbr_meta["type"]:
+            raise ValueError(f"{path} holds a {nbr_meta['type']} neighbour list, this run uses {type(skin).__name__}")
+        skin = skin.set(**nbr_meta["static"])
+        leaves, treedef = jax.tree_util.tree_flatten(skin)
+        if len(leaves) != len(arrays):
+            raise ValueError(f"{path} does not match this run's neighbour list ({len(arrays)} vs {len(leaves)} arrays)")
+        skin = jax.tree_util.tree_unflatten(
+            treedef, [jnp.asarray(a, jnp.asarray(t).dtype) for a, t in zip(arrays, leaves, strict=True)])
+        return template.set(skin=skin, tight_count=jnp.asarray(tight_count, template.tight_count.dtype),
+                            capacity=int(nbr_meta["capacity"]))
 
 
 def _progress(total: int, initial: int) -> Any:
