@@ -14,8 +14,11 @@ forces are NaN (and :class:`GeoditeNeighborList` records the occupancy seen at e
 skin-list overflow is jax-md's own ``did_buffer_overflow``; either way the driver reallocates with a
 larger capacity and redoes the block.
 
-The minimum-image convention of ``space.periodic_general`` needs ``cutoff + skin`` below half of every
-perpendicular cell width; :func:`jaxmd_system` checks it and names the supercell to build otherwise.
+A cell with a perpendicular width below ``2 x (cutoff + skin)`` is beyond the minimum-image convention of
+``space.periodic_general``; there the skin list is jax-md's multi-image list
+(``custom_partition.neighbor_list_multi_image``, dense format), which stores every periodic image within
+``cutoff + skin`` with its integer lattice shift, and the pair vectors are built from those shifts (see
+:func:`_make_vector_fn`). Larger cells keep the cell-list based list.
 """
 
 from __future__ import annotations
@@ -28,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from ase import Atoms, units
+from jax_md import custom_partition, partition, space
 from jax_md import dataclasses as jdc
-from jax_md import partition, space
 
 from ..config import GeoditeConfig
 from ..graph import MIN_DISTANCE, validate_atoms
@@ -82,17 +85,32 @@ class GeoditeNeighborList:
     def idx(self) -> jnp.ndarray:
         return self.skin.idx
 
+    @property
+    def shifts(self) -> jnp.ndarray | None:
+        """Integer lattice shifts of the pairs (multi-image list, ``[n, M, 3]``), None for a minimum-image list."""
+        return getattr(self.skin, "shifts", None)
+
+    @property
+    def reference(self) -> jnp.ndarray:
+        """Positions at which the skin list was built."""
+        return self.skin.reference_position
+
     def update(self, position: jnp.ndarray, **kwargs: Any) -> GeoditeNeighborList:
         """Update the skin list at ``position`` (``box=`` for a changed box) and record the tight occupancy."""
         skin = self.skin.update(position, **kwargs)
-        count = self.count_fn(position, skin.idx, **kwargs)
+        extra = {} if getattr(skin, "shifts", None) is None else {"shifts": skin.shifts,
+                                                                   "reference": skin.reference_position}
+        count = self.count_fn(position, skin.idx, **extra, **kwargs)
         return self.set(skin=skin, tight_count=jnp.maximum(self.tight_count, count.astype(self.tight_count.dtype)))
 
     @property
     def did_buffer_overflow(self) -> jnp.ndarray:
         """The skin list lost pairs (or its cell list is stale): reallocate and redo the steps."""
         # (not malformed_box: jax-md 0.2.29 sets that bit for *valid* boxes, partition.py allocate path)
-        return (self.skin.did_buffer_overflow | self.skin.cell_size_too_small) != 0
+        over = jnp.asarray(self.skin.did_buffer_overflow)
+        if hasattr(self.skin, "cell_size_too_small"):
+            over = over | self.skin.cell_size_too_small
+        return over != 0
 
     @property
     def tight_overflow(self) -> jnp.ndarray:
@@ -104,6 +122,37 @@ def _pair_vectors(displacement_fn: Callable, R: jnp.ndarray, receivers: jnp.ndar
                   **kwargs: Any) -> jnp.ndarray:
     """``r_sender − r_receiver`` (minimum image) for every pair, ``[E, 3]``."""
     return jax.vmap(lambda a, b: displacement_fn(a, b, **kwargs))(R[senders], R[receivers])
+
+
+def _make_vector_fn(displacement_fn: Callable, box: jnp.ndarray | None, multi_image: bool
+                    ) -> Callable[..., jnp.ndarray]:
+    """``fn(R, receivers, senders, shifts, reference, **kwargs) -> [E, 3]``: ``r_sender − r_receiver``.
+
+    Minimum-image lists: ``displacement_fn`` (``shifts``/``reference`` unused). Multi-image lists: the sender's
+    image ``shifts`` (integer, fractional units) counted from the positions at which the list was built: each
+    atom is first unwrapped to the image nearest its ``reference`` position (the integrator wraps positions into
+    the cell, which would otherwise invalidate the stored shifts between rebuilds), then ``box`` maps the
+    fractional difference to Cartesian with jax-md's ``space.transform`` (gradients w.r.t. fractional positions
+    come out Cartesian, as for ``periodic_general``), and ``perturbation=`` applies a strain (stress, NPT).
+    """
+    if not multi_image:
+        def minimum_image(R: jnp.ndarray, receivers: jnp.ndarray, senders: jnp.ndarray, shifts: Any, reference: Any,
+                          **kwargs: Any) -> jnp.ndarray:
+            return _pair_vectors(displacement_fn, R, receivers, senders, **kwargs)
+
+        return minimum_image
+
+    def images(R: jnp.ndarray, receivers: jnp.ndarray, senders: jnp.ndarray, shifts: jnp.ndarray,
+               reference: jnp.ndarray, perturbation: jnp.ndarray | None = None, **kwargs: Any) -> jnp.ndarray:
+        box_now = kwargs.get("box", box)
+        unwrapped = R - jax.lax.stop_gradient(jnp.round(R - reference))
+        frac = unwrapped[senders] - unwrapped[receivers] + shifts.astype(R.dtype)
+        vectors = space.transform(box_now, frac)
+        if perturbation is not None:
+            vectors = space.raw_transform(perturbation, vectors)
+        return vectors
+
+    return images
 
 
 def _pairs(idx: jnp.ndarray, n: int, dense: bool) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
@@ -122,8 +171,17 @@ def _pairs(idx: jnp.ndarray, n: int, dense: bool) -> tuple[jnp.ndarray, jnp.ndar
     return jnp.where(valid, idx[1], last), jnp.where(valid, idx[0], last), valid
 
 
-def _compact(idx: jnp.ndarray, within: jnp.ndarray, capacity: int, n: int, dense: bool) -> jnp.ndarray:
-    """Keep the pairs flagged ``within`` (order preserved) in an index array of the given capacity."""
+def _compact(idx: jnp.ndarray, within: jnp.ndarray, capacity: int, n: int, dense: bool,
+             shifts: jnp.ndarray | None = None) -> Any:
+    """Keep the pairs flagged ``within`` (order preserved) in an index array of the given capacity; with the
+    ``shifts [n, M, 3]`` of a (dense) multi-image list, return ``(idx, shifts)`` compacted alike."""
+    if shifts is not None:
+        within = within.reshape(idx.shape)
+        slot = jnp.where(within, jnp.cumsum(within, axis=1) - 1, capacity)
+        rows = jnp.arange(n)[:, None]
+        tight = jnp.full((n, capacity), n, idx.dtype).at[rows, slot].set(idx, mode="drop")
+        tight_shifts = jnp.zeros((n, capacity, 3), shifts.dtype).at[rows, slot].set(shifts, mode="drop")
+        return tight, tight_shifts
     if dense:
         within = within.reshape(idx.shape)
         slot = jnp.where(within, jnp.cumsum(within, axis=1) - 1, capacity)  # out of range: dropped
@@ -134,27 +192,32 @@ def _compact(idx: jnp.ndarray, within: jnp.ndarray, capacity: int, n: int, dense
 
 
 def make_geodite_energy(config: GeoditeConfig, displacement_fn: Callable, species: jnp.ndarray,
-                        neighbour_format: str = "dense", compact: bool = True
-                        ) -> Callable[..., jnp.ndarray]:
+                        neighbour_format: str = "dense", compact: bool = True, box: jnp.ndarray | None = None,
+                        multi_image: bool = False) -> Callable[..., jnp.ndarray]:
     """Low-level jax-md energy ``fn(state, R, neighbor, vacuum=None, **kwargs) -> E`` (eV), ``R [n_atoms, 3]``.
 
     ``state`` is :meth:`Potential.state` (differentiable: gradients w.r.t. parameters work);
     ``neighbor`` a :class:`GeoditeNeighborList`; ``kwargs`` (``box=``, ``perturbation=``) go to the
     displacement function, which is what makes stress and NPT work. ``vacuum=None`` recomputes the
     isolated-atom table from the parameters (use it when differentiating w.r.t. them).
+    ``multi_image``: the list is a dense multi-image list (small cells) and ``box`` the default box.
     """
     if neighbour_format not in FORMATS:
         raise ValueError(f"neighbour_format must be one of {sorted(FORMATS)}, got {neighbour_format!r}")
+    if multi_image and neighbour_format != "dense":
+        raise ValueError("the multi-image neighbour list (cells narrower than 2 x (cutoff + skin)) is dense only")
+    vector_fn = _make_vector_fn(displacement_fn, box, multi_image)
     model = Geodite(config)
     dense = neighbour_format == "dense"
     cutoff_sq = config.cutoff**2
     species = jnp.asarray(species, jnp.int32)
     n = species.shape[0]
 
-    def model_energy(state: dict, R: jnp.ndarray, idx: jnp.ndarray, vacuum: jnp.ndarray | None,
-                     **kwargs: Any) -> jnp.ndarray:
+    def model_energy(state: dict, R: jnp.ndarray, idx: jnp.ndarray, shifts: jnp.ndarray | None,
+                     reference: jnp.ndarray | None, vacuum: jnp.ndarray | None, **kwargs: Any) -> jnp.ndarray:
         receivers, senders, valid = _pairs(idx, n, dense)
-        vectors = _pair_vectors(displacement_fn, R, receivers, senders, **kwargs)
+        flat = None if shifts is None else shifts.reshape(-1, 3)
+        vectors = vector_fn(R, receivers, senders, flat, reference, **kwargs)
         # Padding pairs get a vector beyond the cutoff: exactly zero energy and finite gradients.
         vectors = jnp.where(valid[:, None], vectors, jnp.asarray([2.0 * config.cutoff + 1.0, 0.0, 0.0], R.dtype))
         out = model.apply(state["params"], vectors, species, senders, receivers, vacuum=vacuum,
@@ -164,28 +227,37 @@ def make_geodite_energy(config: GeoditeConfig, displacement_fn: Callable, specie
 
     def energy(state: dict, R: jnp.ndarray, neighbor: GeoditeNeighborList, vacuum: jnp.ndarray | None = None,
                **kwargs: Any) -> jnp.ndarray:
-        idx = neighbor.idx
+        idx, shifts = neighbor.idx, (neighbor.shifts if multi_image else None)
+        reference = neighbor.reference if multi_image else None
         if not compact:
-            return model_energy(state, R, idx, vacuum, **kwargs)
+            return model_energy(state, R, idx, shifts, reference, vacuum, **kwargs)
         receivers, senders, valid = _pairs(idx, n, dense)
-        d = jax.lax.stop_gradient(_pair_vectors(displacement_fn, R, receivers, senders, **kwargs))
+        flat = None if shifts is None else shifts.reshape(-1, 3)
+        d = jax.lax.stop_gradient(vector_fn(R, receivers, senders, flat, reference, **kwargs))
         within = valid & (jnp.sum(d**2, axis=-1) < cutoff_sq)
         count = within.reshape(idx.shape).sum(1).max() if dense else within.sum()
-        tight = _compact(idx, within, neighbor.capacity, n, dense)
+        if multi_image:
+            tight, tight_shifts = _compact(idx, within, neighbor.capacity, n, dense, shifts)
+        else:
+            tight, tight_shifts = _compact(idx, within, neighbor.capacity, n, dense), None
         # Over capacity, pairs would be missing: poison energy and forces with NaN (the driver redoes the
         # block with a larger capacity) rather than return a silently wrong number.
         poison = jnp.where(count > neighbor.capacity, jnp.nan, 1.0).astype(R.dtype)
-        return model_energy(state, R, tight, vacuum, **kwargs) * poison
+        return model_energy(state, R, tight, tight_shifts, reference, vacuum, **kwargs) * poison
 
     return energy
 
 
-def _make_count_fn(displacement_fn: Callable, cutoff: float, n: int, dense: bool) -> Callable[..., jnp.ndarray]:
+def _make_count_fn(displacement_fn: Callable, cutoff: float, n: int, dense: bool, box: jnp.ndarray | None = None,
+                   multi_image: bool = False) -> Callable[..., jnp.ndarray]:
     cutoff_sq = cutoff**2
+    vector_fn = _make_vector_fn(displacement_fn, box, multi_image)
 
-    def count(R: jnp.ndarray, idx: jnp.ndarray, **kwargs: Any) -> jnp.ndarray:
+    def count(R: jnp.ndarray, idx: jnp.ndarray, shifts: jnp.ndarray | None = None,
+              reference: jnp.ndarray | None = None, **kwargs: Any) -> jnp.ndarray:
         receivers, senders, valid = _pairs(idx, n, dense)
-        d = _pair_vectors(displacement_fn, R, receivers, senders, **kwargs)
+        flat = None if shifts is None else shifts.reshape(-1, 3)
+        d = vector_fn(R, receivers, senders, flat, reference, **kwargs)
         within = valid & (jnp.sum(d**2, axis=-1) < cutoff_sq)
         return within.reshape(idx.shape).sum(1).max() if dense else within.sum()
 
@@ -230,6 +302,11 @@ class JaxMDSystem:
     state: dict
     vacuum: jnp.ndarray | None
     info: dict = pydc.field(default_factory=dict)
+    multi_image: bool = False
+
+    def pair_extra(self, skin: Any) -> dict[str, Any]:
+        """``shifts=``/``reference=`` of a multi-image skin list for the count and vector functions."""
+        return {"shifts": skin.shifts, "reference": skin.reference_position} if self.multi_image else {}
 
     @property
     def n_atoms(self) -> int:
@@ -245,11 +322,11 @@ class JaxMDSystem:
         """
         kwargs = {} if box is None else {"box": box}
         skin = self.neighbor_fn.allocate(R, extra_capacity=extra_capacity, **kwargs)
-        if skin.cell_size is not None:
+        if getattr(skin, "cell_size", None) is not None:
             skin = skin.set(cell_size=float(skin.cell_size))
         dense = self.neighbour_format == "dense"
-        count_fn = _make_count_fn(self.displacement_fn, self.cutoff, self.n_atoms, dense)
-        count = int(count_fn(R, skin.idx, **kwargs))
+        count_fn = _make_count_fn(self.displacement_fn, self.cutoff, self.n_atoms, dense, self.box, self.multi_image)
+        count = int(count_fn(R, skin.idx, **self.pair_extra(skin), **kwargs))
         if capacity is None:
             if not self.compact:
                 capacity = int(skin.idx.shape[1])
@@ -358,8 +435,9 @@ def jaxmd_system(potential: Potential, atoms: Atoms, dtype: str = "float64", ski
         compact: evaluate the model on the tight list (False: on the skin list; use under ``vmap``).
 
     Raises:
-        ValueError: mixed periodicity, a cell too small for the minimum-image convention (names the
-            supercell to build), overlapping atoms, or an element the model does not know.
+        ValueError: mixed periodicity, a cell narrower than 2 x (cutoff + skin) with the sparse format (the
+            multi-image list such cells get is dense only), overlapping atoms, or an element the model does
+            not know.
     """
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
@@ -378,13 +456,15 @@ def jaxmd_system(potential: Potential, atoms: Atoms, dtype: str = "float64", ski
                          "use the ASE path (GeoditeCalculator) for slabs and wires")
     periodic = bool(pbc.all())
     radius = config.cutoff + skin
+    multi_image = False
     if periodic:
-        widths = perpendicular_widths(atoms.cell.array)
-        if widths.min() <= 2.0 * radius:
-            rep = minimum_image_repeat(atoms.cell.array, radius)
-            raise ValueError(f"cell too small for jax-md's minimum-image convention: perpendicular widths "
-                             f"{np.round(widths, 3).tolist()} Å must exceed 2 x (cutoff {config.cutoff} + skin {skin}) "
-                             f"= {2 * radius:.2f} Å; use a supercell, e.g. atoms.repeat({rep})")
+        # Narrower than 2 x (cutoff + skin): beyond the minimum-image convention, so the multi-image list.
+        multi_image = bool(perpendicular_widths(atoms.cell.array).min() <= 2.0 * radius)
+        if multi_image and neighbour_format != "dense":
+            raise ValueError(f"cells narrower than 2 x (cutoff {config.cutoff} + skin {skin}) = {2 * radius:.2f} Å use "
+                             f"the multi-image neighbour list, which is dense only (got {neighbour_format!r}); use "
+                             f"neighbour_format='dense' or a supercell, e.g. atoms.repeat("
+                             f"{minimum_image_repeat(atoms.cell.array, radius)})")
         rcell, rotation = atoms.cell.standard_form()
         box_np = np.asarray(rcell, np.float64).T
         box_np[np.abs(box_np) < 1e-12] = 0.0  # exactly upper triangular (jax-md checks triu(box) == box)
@@ -392,9 +472,14 @@ def jaxmd_system(potential: Potential, atoms: Atoms, dtype: str = "float64", ski
         box = jnp.asarray(box_np, jdtype)
         R0 = jnp.asarray(frac, jdtype)
         displacement_fn, shift_fn = space.periodic_general(box, fractional_coordinates=True)
-        neighbor_fn = partition.neighbor_list(displacement_fn, box, config.cutoff, dr_threshold=skin,
-                                              capacity_multiplier=capacity_multiplier, fractional_coordinates=True,
-                                              format=FORMATS[neighbour_format])
+        if multi_image:
+            neighbor_fn = custom_partition.neighbor_list_multi_image(
+                None, box, config.cutoff, dr_threshold=skin, capacity_multiplier=capacity_multiplier,
+                fractional_coordinates=True, format=partition.Dense)
+        else:
+            neighbor_fn = partition.neighbor_list(displacement_fn, box, config.cutoff, dr_threshold=skin,
+                                                  capacity_multiplier=capacity_multiplier,
+                                                  fractional_coordinates=True, format=FORMATS[neighbour_format])
     else:
         rotation = np.eye(3)
         box = None
@@ -407,7 +492,7 @@ def jaxmd_system(potential: Potential, atoms: Atoms, dtype: str = "float64", ski
     species = np.asarray(atoms.numbers, np.int32)
     state = potential.state(jdtype)
     vacuum = potential.vacuum_energies(jdtype) if config.vacuum else None
-    raw = make_geodite_energy(config, displacement_fn, species, neighbour_format, compact)
+    raw = make_geodite_energy(config, displacement_fn, species, neighbour_format, compact, box, multi_image)
 
     def energy_fn(R: jnp.ndarray, neighbor: GeoditeNeighborList | None = None, **kwargs: Any) -> jnp.ndarray:
         if neighbor is None:
@@ -419,7 +504,7 @@ def jaxmd_system(potential: Potential, atoms: Atoms, dtype: str = "float64", ski
                          masses=np.asarray(atoms.get_masses(), np.float64), rotation=np.asarray(rotation),
                          pbc=periodic, cutoff=config.cutoff, skin=float(skin), neighbour_format=neighbour_format,
                          compact=compact, tight_multiplier=float(tight_multiplier), dtype=jdtype, state=state,
-                         vacuum=vacuum)
+                         vacuum=vacuum, multi_image=multi_image)
     _check_overlaps(system)
     return system
 
@@ -430,8 +515,10 @@ def _check_overlaps(system: JaxMDSystem) -> None:
         return
     receivers, senders, valid = _pairs(nbr.idx, system.n_atoms, system.neighbour_format == "dense")
     kwargs = {} if system.box is None else {"box": system.box}
-    d = np.linalg.norm(np.asarray(_pair_vectors(system.displacement_fn, system.positions, receivers, senders,
-                                                **kwargs)), axis=-1)
+    vector_fn = _make_vector_fn(system.displacement_fn, system.box, system.multi_image)
+    shifts = None if nbr.shifts is None else nbr.shifts.reshape(-1, 3)
+    d = np.linalg.norm(np.asarray(vector_fn(system.positions, receivers, senders, shifts, nbr.reference, **kwargs)),
+                       axis=-1)
     d = np.where(np.asarray(valid), d, np.inf)
     if d.size and d.min() < MIN_DISTANCE:
         k = int(np.argmin(d))

@@ -99,7 +99,7 @@ class ReplicaRunner:
             like = max(lists, key=lambda nb: (int(nb.skin.max_occupancy), nb.capacity))
             like = like.set(capacity=max(nb.capacity for nb in lists))
         skins = [system.neighbor_fn.update(R, like.skin) for R in positions]
-        counts = [like.count_fn(R, s.idx) for R, s in zip(positions, skins, strict=True)]
+        counts = [like.count_fn(R, s.idx, **system.pair_extra(s)) for R, s in zip(positions, skins, strict=True)]
         return _stack([like.set(skin=s, tight_count=c.astype(like.tight_count.dtype))
                        for s, c in zip(skins, counts, strict=True)])
 
