@@ -90,3 +90,17 @@ def test_a_file_in_the_way_is_an_error_not_replaced(tmp_path):
     with pytest.raises(ValueError, match="a file of that name exists"), atomic_directory(tmp_path / "model"):
         pass
     assert (tmp_path / "model").read_text() == "precious"
+
+
+def test_resume_finds_a_checkpoint_left_between_the_two_renames(tmp_path):
+    import json
+
+    from geodite_jax.training.checkpoint import load_checkpoint_meta
+
+    last = tmp_path / "checkpoints" / "last"
+    (tmp_path / "checkpoints" / ".last.old-k1l2" / "x").mkdir(parents=True)  # the complete old checkpoint
+    (tmp_path / "checkpoints" / ".last.old-k1l2" / "x" / "trainer.json").write_text(
+        json.dumps({"checkpoint_version": 1, "step": 6}))
+    (tmp_path / "checkpoints" / ".last.tmp-m3n4").mkdir()  # a half-written newer one
+    assert load_checkpoint_meta(last)["step"] == 6  # what Trainer.restore (--resume) reads first
+    assert os.listdir(tmp_path / "checkpoints") == ["last"]

@@ -36,6 +36,7 @@ from jax.sharding import PartitionSpec as P
 
 from ..config import GeoditeConfig
 from ..elements import MPTRJ_ENERGY_SCALE, mptrj_element_energies
+from ..files import recover_directory
 from ..potential import Potential, as_dtype, make_predict_fn
 from .checkpoint import load_checkpoint, load_checkpoint_meta, save_checkpoint
 from .config import TrainConfig
@@ -480,7 +481,11 @@ class Trainer:
 
     def restore(self) -> TrainState:
         path = self.out / "checkpoints" / "last"
-        meta = load_checkpoint_meta(path)
+        try:
+            meta = load_checkpoint_meta(path)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{err}: nothing to resume in {self.out}; start afresh with --overwrite "
+                                    "(or without --resume into a new --out)") from None
         saved = meta["train_config"]
         diff = {k: (saved.get(k), v) for k, v in self.cfg.to_dict().items()
                 if k not in _RESUMABLE_CHANGES and saved.get(k) != v}
@@ -538,6 +543,8 @@ class Trainer:
         cfg = self.cfg
         if self.is_main:
             prepare_run_directory(self.out, resume, overwrite)
+            for name in ("best", "final"):  # a save of them killed mid-swap: restore, drop leftovers
+                recover_directory(self.out / name)
         self.out.mkdir(parents=True, exist_ok=True)
         state = replicate(self.restore() if resume else self.initial_state(), self.mesh)
         self.start_step = self.step
