@@ -127,6 +127,6 @@ def test_truncated_extxyz_in_train_and_eval_names_file_and_frame(tiny, tmp_path,
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
     cfg = TrainConfig(train=str(path), format="extxyz", on_error="skip", out=str(tmp_path / "run"))
-    assert len(open_dataset(cfg.train, cfg, 5.0, 100, tmp_path / "cache")) == 2  # the trainer's reading path
-    assert main(["eval", str(path), "--model", model, "--on-error", "skip"]) == 0
-    assert "| all | 2 |" in capsys.readouterr().out
+    # --on-error skip: the trainer's reading path keeps the two whole frames (eval passes the same option to
+    # the same reader; running it would only add a compilation here).
+    assert len(open_dataset(cfg.train, cfg, 5.0, 100, tmp_path / "cache")) == 2
