@@ -58,6 +58,7 @@ def test_small_cell_energy_forces_stress_match_calculator(small):
     _compare(pot, system, system.positions, nbr)
 
 
+@pytest.mark.slow  # the MD block and observables compile: ~40 s on a quiet 2-core machine
 def test_small_cell_nve_conserves_energy_and_matches_calculator_after_wrapping(small):
     """NVE at 600 K, dt 1 fs, 300 steps: the total energy stays within 1e-4 eV/atom of its start without a
     drift, atoms crossed the cell boundary (wrapped fractional positions), and at the end the jax-md energy,
