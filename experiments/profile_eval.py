@@ -90,6 +90,7 @@ def main() -> None:
     ap.add_argument("--preset", default="mp")
     ap.add_argument("--chunk-edges", type=int, default=None, help="edge slots per chunk (default: the model's)")
     ap.add_argument("--calls", type=int, default=2)
+    ap.add_argument("--top", type=int, default=0, help="also list the N most expensive ops")
     ap.add_argument("--out", default=None, help="JSON file for the breakdown")
     args = ap.parse_args()
     os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads=2")
@@ -127,6 +128,7 @@ def main() -> None:
     totals: dict[tuple[str, str, str], float] = collections.defaultdict(float)
     unmatched = 0.0
     unmatched_names: dict[str, float] = collections.defaultdict(float)
+    per_op: dict[str, float] = collections.defaultdict(float)
     for plane in data.planes:
         for line in plane.lines:
             if "XLA" not in line.name and "Cpu" not in line.name:
@@ -139,6 +141,7 @@ def main() -> None:
                         unmatched_names[event.name] += event.duration_ns
                     continue
                 totals[key] += event.duration_ns / 1e9 / args.calls
+                per_op[event.name] += event.duration_ns / 1e9 / args.calls
     op_total = sum(totals.values())
     n_edges = int(graph.n_edge[0])
     print(f"# {args.structure} ({len(atoms)} atoms, {n_edges} edges, block {block}), {args.preset} float32, "
@@ -163,6 +166,10 @@ def main() -> None:
         per_stage[stage] += sec
     print("\nby kind: " + ", ".join(f"{k} {100 * v / op_total:.1f} %" for k, v in sorted(per_kind.items())))
     print("by pass: " + ", ".join(f"{k} {100 * v / op_total:.1f} %" for k, v in sorted(per_stage.items())))
+    if args.top:
+        print(f"\ntop {args.top} ops:")
+        for name, sec in sorted(per_op.items(), key=lambda kv: -kv[1])[:args.top]:
+            print(f"  {sec:8.4f} s  {name:40s} {table[name]}")
     top = sorted(unmatched_names.items(), key=lambda kv: -kv[1])[:8]
     print("unmatched (containers such as while loops, which hold the ops above): "
           + ", ".join(f"{k} {v / 1e9 / args.calls:.3f} s" for k, v in top))

@@ -11,7 +11,7 @@ import pytest
 from ase.build import bulk
 
 import geodite_jax as gd
-from geodite_jax.model import Edges
+from geodite_jax.model import chunk_nodes
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +33,8 @@ def predict(pot, batch, block, chunk_edges, **kwargs):
 @pytest.mark.parametrize("nodes_per_chunk", [1, 5])
 def test_chunked_equals_one_pass_in_float64(tiny, block_batch, nodes_per_chunk):
     batch, block = block_batch
-    edges = Edges(batch.senders, batch.receivers, 17, block, True, nodes_per_chunk * block)
-    assert edges.chunk is not None and edges.chunk <= nodes_per_chunk
+    chunk = chunk_nodes(17, block, nodes_per_chunk * block)
+    assert chunk is not None and chunk <= nodes_per_chunk
     whole = predict(tiny, batch, block, 0)
     chunked = predict(tiny, batch, block, nodes_per_chunk * block)
     for key in ("energy", "forces", "stress", "node_energies", "nn_per_layer"):
@@ -42,12 +42,11 @@ def test_chunked_equals_one_pass_in_float64(tiny, block_batch, nodes_per_chunk):
 
 
 def test_chunk_sizes_balance_and_pad_little():
-    none = jnp.zeros(0, jnp.int32)
-    assert Edges(none, none, 1000, 40, True, 40 * 1000).chunk is None  # fits one chunk
-    assert Edges(none, none, 1000, 40, True, None).chunk is None  # chunking off
-    assert Edges(none, none, 1000, None, True, 64).chunk is None  # sparse layout: one pass
-    assert Edges(none, none, 1000, 40, True, 1024).chunk == 25  # a divisor: no padding
-    size = Edges(none, none, 67, 10, True, 50).chunk  # prime node count: padded by less than one chunk
+    assert chunk_nodes(1000, 40, 40 * 1000) is None  # fits one chunk
+    assert chunk_nodes(1000, 40, None) is None and chunk_nodes(1000, 40, 0) is None  # chunking off
+    assert chunk_nodes(1000, None, 64) is None  # sparse layout: one pass
+    assert chunk_nodes(1000, 40, 1024) == 25  # a divisor: no padding
+    size = chunk_nodes(67, 10, 50)  # prime node count: padded by less than one chunk
     assert size <= 5 and math.ceil(67 / size) * size - 67 < size
 
 
