@@ -1,5 +1,6 @@
 """geodite_jax: Geodite, an O(3)-equivariant interatomic potential without tensor products, in JAX/Flax."""
 
+from . import xla_setup  # noqa: F401  (first: sets XLA:CPU's memory-oriented scheduler, see xla_setup)
 from .calculator import GeoditeCalculator, enable_float64
 from .config import GeoditeConfig
 from .graph import atoms_to_graph, batch_graphs, bucket, max_degree, neighbour_list, padding_masks, validate_atoms

@@ -106,3 +106,22 @@ def test_no_edge_steerable_array_exists_whole(tiny, block_batch):
         sizes[chunk_edges] = _largest_intermediate(jax.make_jaxpr(fn)(state, batch).jaxpr)
     assert sizes[0] >= n_edges * 8 * f  # the one-pass model does (so the check can fail)
     assert sizes[4 * block] <= n_edges * 2 * f  # chunked: at most edge state [E, F]-sized arrays
+
+
+def test_memory_oriented_scheduler_is_set_at_import_unless_the_user_chose():
+    import os
+    import subprocess
+    import sys
+
+    code = "import os, geodite_jax; print(os.environ.get('XLA_FLAGS', ''))"
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "GEODITE_XLA_FLAGS")}
+
+    def flags(**extra):
+        return subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    assert flags() == "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+    assert flags(XLA_FLAGS="--xla_foo=1").endswith("--xla_cpu_enable_concurrency_optimized_scheduler=false")
+    own = "--xla_cpu_enable_concurrency_optimized_scheduler=true"
+    assert flags(XLA_FLAGS=own) == own
+    assert flags(GEODITE_XLA_FLAGS="0") == ""
