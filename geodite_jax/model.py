@@ -31,9 +31,15 @@ xavier = nn.initializers.xavier_uniform(dtype=jnp.float32)
 # implementation holds them in a float32 buffer, so converted checkpoints reproduce it exactly.
 _INV_3 = float(np.float32(1.0 / 3.0))
 _INV_5 = float(np.float32(1.0 / 5.0))
-#: Edge slots per chunk of receiver nodes (block layout): small enough that a chunk's [C·M, 8, F] working
-#: set stays in cache, large enough that the per-chunk loop overhead is negligible (see README, Speed).
-DEFAULT_CHUNK_EDGES = 1024
+#: Bytes of one chunk's steerable message block [C·M, 8, F]: small enough to stay in cache, large enough that
+#: the per-chunk loop overhead is negligible. 6 MiB is 1,024 edge slots for Geodite-MP in float32 (see
+#: README, Benchmarks); small models get proportionally larger chunks, so small systems run in one pass.
+DEFAULT_CHUNK_BYTES = 6 * 2**20
+
+
+def default_chunk_edges(num_features: int, dtype: Any) -> int:
+    """Edge slots per chunk for :data:`DEFAULT_CHUNK_BYTES`: ``budget / (8 F · itemsize)``."""
+    return max(64, DEFAULT_CHUNK_BYTES // (8 * num_features * jnp.dtype(dtype).itemsize))
 
 
 @struct.dataclass
@@ -342,7 +348,7 @@ class Geodite(nn.Module):
     must have a positive length (pad with vectors longer than the cutoff: they contribute exactly 0).
 
     ``chunk_edges``: in the neighbour-block layout every layer runs over chunks of receiver nodes holding
-    about this many edge slots each (``None``: :data:`DEFAULT_CHUNK_EDGES`; ``0``: one pass over the whole
+    about this many edge slots each (``None``: :func:`default_chunk_edges`; ``0``: one pass over the whole
     graph). Memory then grows only with the node state and the per-layer edge state ``[E, F]``; the numbers
     are the same for any chunk size.
     """
@@ -405,7 +411,9 @@ class Geodite(nn.Module):
         if neighbours_per_node is not None and vectors.shape[0] != n * neighbours_per_node:
             raise ValueError(f"neighbours_per_node={neighbours_per_node} needs {n} x {neighbours_per_node} edges, "
                              f"got {vectors.shape[0]}")
-        chunk_edges = DEFAULT_CHUNK_EDGES if self.chunk_edges is None else self.chunk_edges
+        chunk_edges = self.chunk_edges
+        if chunk_edges is None:
+            chunk_edges = default_chunk_edges(cfg.num_features, vectors.dtype)
         chunk = chunk_nodes(n, neighbours_per_node, chunk_edges)
         if chunk and n % chunk:
             # Pad once to whole chunks: padding nodes (species 0) own self-loop edges beyond the cutoff, so they

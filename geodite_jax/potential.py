@@ -207,7 +207,7 @@ class Potential:
         numbers = np.asarray(numbers)
         bad = np.flatnonzero((numbers < 1) | (numbers > MAX_Z))
         if bad.size:
-            raise ValueError(f"invalid atomic number {int(numbers.ravel()[bad[0]])} at atom {int(bad[0])} "
+            raise ValueError(f"unknown element: atomic number {int(numbers.ravel()[bad[0]])} at atom {int(bad[0])} "
                              f"(valid atomic numbers are 1..{MAX_Z})")
         known = self.metadata.get("elements")
         if known is None:

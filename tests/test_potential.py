@@ -144,12 +144,12 @@ def test_invalid_atomic_numbers_are_named(tiny):
                            {"elements": [11, 17]})
     for pot in (tiny, trained):  # with and without a recorded element set
         for z in (119, -1, 0):
-            with pytest.raises(ValueError, match=rf"invalid atomic number {z} at atom 1 \(valid atomic numbers "
+            with pytest.raises(ValueError, match=rf"unknown element: atomic number {z} at atom 1 \(valid atomic numbers "
                                                  r"are 1\.\.118\)") as err:
                 pot.check_elements([11, z])
             assert "Og" not in str(err.value)
     atoms = bulk("NaCl", "rocksalt", a=5.64)  # and through the calculator (was an IndexError for Z=119)
     atoms.numbers[1] = 119
     atoms.calc = gd.GeoditeCalculator(trained, dtype="float64")
-    with pytest.raises(ValueError, match="invalid atomic number 119"):
+    with pytest.raises(ValueError, match="unknown element: atomic number 119"):
         atoms.get_potential_energy()
