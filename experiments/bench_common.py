@@ -2,7 +2,7 @@
 
 Imported by ``experiments/geodite_worker.py`` (project python) and by
 ``experiments/peers/peer_worker.py`` (inside a peer virtualenv), so it depends only on the
-standard library, numpy and ASE. The protocol follows ``/work/shared/docs/stack_notes.md``
+standard library, numpy and ASE. The protocol follows ``../shared/docs/stack_notes.md``
 (Part 2.2): one fresh process per (model, structure); the first
 ``calc.calculate(atoms, ["energy", "forces", "stress"], ["positions"])`` call is timed apart;
 2 untimed warm-up calls; then the median of up to 10 timed calls, stopping once 60 s have

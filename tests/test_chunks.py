@@ -50,6 +50,7 @@ def test_chunk_sizes_balance_and_pad_little():
     assert size <= 5 and math.ceil(67 / size) * size - 67 < size
 
 
+@pytest.mark.slow  # training batches use the sparse layout today (one pass); ~25 s of compilation
 def test_parameter_gradients_of_a_force_loss_match(tiny, block_batch):
     """Training differentiates forces with respect to the parameters: chunks must not change that either."""
     batch, block = block_batch
@@ -69,6 +70,7 @@ def test_parameter_gradients_of_a_force_loss_match(tiny, block_batch):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.slow  # dropout is a training feature (sparse layout today)
 def test_attention_dropout_does_not_depend_on_chunks(tiny, block_batch):
     batch, block = block_batch
     rng = jax.random.PRNGKey(5)
@@ -108,20 +110,25 @@ def test_no_edge_steerable_array_exists_whole(tiny, block_batch):
     assert sizes[4 * block] <= n_edges * 2 * f  # chunked: at most edge state [E, F]-sized arrays
 
 
-def test_memory_oriented_scheduler_is_set_at_import_unless_the_user_chose():
+def test_memory_oriented_scheduler_is_set_at_import_unless_the_user_chose(monkeypatch):
     import os
     import subprocess
     import sys
 
-    code = "import os, geodite_jax; print(os.environ.get('XLA_FLAGS', ''))"
+    from geodite_jax.xla_setup import SCHEDULER_FLAG, apply_default_xla_flags
+
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "GEODITE_XLA_FLAGS")}
-
-    def flags(**extra):
-        return subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True,
-                              check=True).stdout.strip()
-
-    assert flags() == "--xla_cpu_enable_concurrency_optimized_scheduler=false"
-    assert flags(XLA_FLAGS="--xla_foo=1").endswith("--xla_cpu_enable_concurrency_optimized_scheduler=false")
-    own = "--xla_cpu_enable_concurrency_optimized_scheduler=true"
-    assert flags(XLA_FLAGS=own) == own
-    assert flags(GEODITE_XLA_FLAGS="0") == ""
+    code = "import os, geodite_jax; print(os.environ.get('XLA_FLAGS', ''))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == SCHEDULER_FLAG  # importing geodite_jax sets it
+    for given, opt_out, expected in [("--xla_foo=1 threads=2", None, f"{SCHEDULER_FLAG} --xla_foo=1 threads=2"),
+                                     ("--xla_cpu_enable_concurrency_optimized_scheduler=true", None,
+                                      "--xla_cpu_enable_concurrency_optimized_scheduler=true"),
+                                     ("", "0", "")]:
+        monkeypatch.setenv("XLA_FLAGS", given)
+        if opt_out is None:
+            monkeypatch.delenv("GEODITE_XLA_FLAGS", raising=False)
+        else:
+            monkeypatch.setenv("GEODITE_XLA_FLAGS", opt_out)
+        apply_default_xla_flags()
+        assert os.environ["XLA_FLAGS"] == expected
