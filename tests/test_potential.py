@@ -144,8 +144,8 @@ def test_invalid_atomic_numbers_are_named(tiny):
                            {"elements": [11, 17]})
     for pot in (tiny, trained):  # with and without a recorded element set
         for z in (119, -1, 0):
-            with pytest.raises(ValueError, match=rf"unknown element: atomic number {z} at atom 1 \(valid atomic numbers "
-                                                 r"are 1\.\.118\)") as err:
+            with pytest.raises(ValueError, match=rf"unknown element: atomic number {z} at atom 1 "
+                                                 r"\(valid atomic numbers are 1\.\.118\)") as err:
                 pot.check_elements([11, z])
             assert "Og" not in str(err.value)
     atoms = bulk("NaCl", "rocksalt", a=5.64)  # and through the calculator (was an IndexError for Z=119)

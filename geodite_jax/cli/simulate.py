@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,14 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def _md(args: argparse.Namespace) -> int:
+    with warnings.catch_warnings():
+        # jax-md's thermostats and barostat ask for float64 sums (util.high_precision_sum); in a float32 run JAX
+        # sums in float32 and warns at each trace. The run's precision is the one the user chose: say nothing.
+        warnings.filterwarnings("ignore", message="Explicitly requested dtype float64", category=UserWarning)
+        return _run_md(args)
+
+
+def _run_md(args: argparse.Namespace) -> int:
     from ..simulation import MDRunner, MDSettings, jaxmd_system
 
     if args.steps < 0:
