@@ -76,13 +76,13 @@ class Edges:
         return data[self.senders]
 
     def map_chunks(self, fn: Callable[..., tuple[jnp.ndarray, ...]], node_local: tuple[jnp.ndarray, ...],
-                   edge_local: tuple[jnp.ndarray, ...], out_kinds: tuple[str, ...]) -> tuple[jnp.ndarray, ...]:
+                   edge_local: tuple[jnp.ndarray, ...]) -> tuple[jnp.ndarray, ...]:
         """``fn(edges_c, *node_local_c, *edge_local_c)`` over chunks of receiver nodes, outputs concatenated.
 
         ``node_local`` arrays ``[N, ...]`` and ``edge_local`` arrays ``[E, ...]`` are sliced per chunk (the
         chunk's receivers and their edges); anything else ``fn`` needs (node arrays gathered at senders,
-        weights) it closes over whole. ``out_kinds[k]`` is "node" (``[C, ...]`` per chunk -> ``[N, ...]``) or
-        "edge" (``[C·M, ...]`` -> ``[E, ...]``). Without chunks (:attr:`chunk` None) ``fn`` runs once on the
+        weights) it closes over whole. Each output is per receiver (``[C, ...]`` per chunk -> ``[N, ...]``) or
+        per edge (``[C·M, ...]`` -> ``[E, ...]``). Without chunks (:attr:`chunk` None) ``fn`` runs once on the
         whole graph.
 
         Each chunk is a ``jax.checkpoint``: the backward pass recomputes the chunk's edge intermediates
@@ -90,10 +90,10 @@ class Edges:
         chunk stays in cache. The numbers do not depend on the chunk size (sums run within a node's block).
         """
         with jax.named_scope(fn.__name__):  # names the block in profiles (experiments/profile_eval.py)
-            return self._map_chunks(fn, node_local, edge_local, out_kinds)
+            return self._map_chunks(fn, node_local, edge_local)
 
     def _map_chunks(self, fn: Callable[..., tuple[jnp.ndarray, ...]], node_local: tuple[jnp.ndarray, ...],
-                    edge_local: tuple[jnp.ndarray, ...], out_kinds: tuple[str, ...]) -> tuple[jnp.ndarray, ...]:
+                    edge_local: tuple[jnp.ndarray, ...]) -> tuple[jnp.ndarray, ...]:
         chunk = self.chunk
         if chunk is None:
             return fn(self, *node_local, *edge_local)
@@ -114,7 +114,6 @@ class Edges:
             return fn(Edges(senders, None, chunk, m, True), *nodes, *edges)
 
         outs = jax.lax.map(body, xs)
-        del out_kinds  # both kinds concatenate the same way; named for the reader
         return tuple(o.reshape(-1, *o.shape[2:]) for o in outs)
 
 
@@ -185,14 +184,14 @@ class NodeInit(nn.Module):
             return (ec.aggregate(ec.at_senders(nbr) * (phi_c @ w_phi)),
                     ec.aggregate(soft_neighbour_terms(phi_c, w_density)))
 
-        m, rho = edges.map_chunks(neighbour_sums, (), (phi,), ("node", "node"))
+        m, rho = edges.map_chunks(neighbour_sums, (), (phi,))
         x = jnp.concatenate([embed_self.astype(dtype)[species], m / (1.0 + rho)[:, None]], axis=-1)
         h = jax.nn.silu(x @ w_1) @ w_2
 
         def edge_features(ec: Edges, h_c: jnp.ndarray, phi_c: jnp.ndarray) -> tuple[jnp.ndarray]:
             return ((ec.at_receivers(h_c) + ec.at_senders(h)) * (phi_c @ w_e),)
 
-        (t,) = edges.map_chunks(edge_features, (h,), (phi,), ("edge",))
+        (t,) = edges.map_chunks(edge_features, (h,), (phi,))
         return h, t
 
 
@@ -264,7 +263,7 @@ class Interaction(nn.Module):
             return ec.aggregate(o_s), ec.aggregate(o_d[:, None, :] * sh_c[:, :, None] + o_x[:, None, :] * x_j)
 
         edge_local = (t, sh) if keep is None else (t, sh, keep)
-        sum_s, sum_x = edges.map_chunks(messages, (q,), edge_local, ("node", "node"))
+        sum_s, sum_x = edges.map_chunks(messages, (q,), edge_local)
         # 8. Density-normalised aggregation.
         inv_density = 1.0 / (1.0 + edges.aggregate(soft_neighbour_terms(phi / cfg.num_rbf, w_density)))
         h = h + sum_s * inv_density[:, None]
@@ -303,7 +302,7 @@ class Interaction(nn.Module):
             w = (w - mean) * jax.lax.rsqrt(var + 1e-5) * ln_scale + ln_bias
             return (t_c + jax.nn.silu(jax.nn.silu(t_c @ w_t1) @ w_t2) * (w @ w_w),)
 
-        (t,) = edges.map_chunks(edge_update, (q_nodes,), (t, sh), ("edge",))
+        (t,) = edges.map_chunks(edge_update, (q_nodes,), (t, sh))
         return t
 
 

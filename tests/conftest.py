@@ -26,6 +26,17 @@ def perturbed(pot: gd.Potential, seed: int, scale: float = 0.3) -> gd.Potential:
     return gd.Potential(pot.config, params, pot.element_energies, pot.energy_scale)
 
 
+def sane_potential() -> gd.Potential:
+    """The perturbed tiny potential with the universal ZBL kept: perturbed ZBL exponents can turn negative,
+    which makes the repulsion grow with distance (hundreds of keV for a metal); MD needs a sane surface."""
+    base = gd.Potential.init(gd.GeoditeConfig.preset("tiny"), seed=0, element_energies="mptrj")
+    pert = perturbed(base, seed=1)
+    params = jax.tree_util.tree_map(np.asarray, pert.params)
+    for key in ("zbl_alpha", "zbl_beta", "zbl_coefs", "zbl_exps"):
+        params["params"][key] = base.params["params"][key]
+    return gd.Potential(pert.config, params, pert.element_energies, pert.energy_scale)
+
+
 @pytest.fixture(scope="session")
 def tiny() -> gd.Potential:
     base = gd.Potential.init(gd.GeoditeConfig.preset("tiny"), seed=0, element_energies="mptrj")

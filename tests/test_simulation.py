@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from ase import units
 from ase.build import bulk, molecule
-from conftest import perturbed
+from conftest import sane_potential
 
 import geodite_jax as gd
 from geodite_jax.simulation import (
@@ -23,17 +23,6 @@ from geodite_jax.simulation import (
     relax_jaxmd,
     replica_positions,
 )
-
-
-def sane_potential() -> gd.Potential:
-    """The perturbed tiny potential with the universal ZBL kept: perturbed ZBL exponents can turn negative,
-    which makes the repulsion grow with distance (hundreds of keV for a metal); MD needs a sane surface."""
-    base = gd.Potential.init(gd.GeoditeConfig.preset("tiny"), seed=0, element_energies="mptrj")
-    pert = perturbed(base, seed=1)
-    params = jax.tree_util.tree_map(np.asarray, pert.params)
-    for key in ("zbl_alpha", "zbl_beta", "zbl_coefs", "zbl_exps"):
-        params["params"][key] = base.params["params"][key]
-    return gd.Potential(pert.config, params, pert.element_energies, pert.energy_scale)
 
 
 @pytest.fixture(scope="module")

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import csv
 
-import jax
 import numpy as np
 import pytest
 from ase.build import bulk
 from ase.io import read, write
-from conftest import perturbed
+from conftest import sane_potential
 
 import geodite_jax as gd
 from geodite_jax.cli import main
@@ -18,12 +17,8 @@ from geodite_jax.cli import main
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A saved tiny potential (perturbed weights, universal ZBL kept) trained on Na and Cl only."""
-    base = gd.Potential.init(gd.GeoditeConfig.preset("tiny"), seed=0, element_energies="mptrj")
-    pert = perturbed(base, seed=1)
-    params = jax.tree_util.tree_map(np.asarray, pert.params)
-    for key in ("zbl_alpha", "zbl_beta", "zbl_coefs", "zbl_exps"):
-        params["params"][key] = base.params["params"][key]
-    pot = gd.Potential(pert.config, params, pert.element_energies, pert.energy_scale, {"elements": [11, 17]})
+    sane = sane_potential()
+    pot = gd.Potential(sane.config, sane.params, sane.element_energies, sane.energy_scale, {"elements": [11, 17]})
     return pot.save(tmp_path_factory.mktemp("model") / "tiny")
 
 

@@ -14,22 +14,12 @@ import numpy as np
 import pytest
 from ase.build import bulk
 from ase.io import read, write
-from conftest import perturbed
+from conftest import sane_potential
 
-import geodite_jax as gd
 from geodite_jax.simulation import MDRunner, MDSettings, jaxmd_system
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def sane_potential() -> gd.Potential:
-    """The perturbed tiny potential with its universal ZBL kept (as in test_simulation.py)."""
-    base = gd.Potential.init(gd.GeoditeConfig.preset("tiny"), seed=0, element_energies="mptrj")
-    pert = perturbed(base, seed=1)
-    params = jax.tree_util.tree_map(np.asarray, pert.params)
-    for key in ("zbl_alpha", "zbl_beta", "zbl_coefs", "zbl_exps"):
-        params["params"][key] = base.params["params"][key]
-    return gd.Potential(pert.config, params, pert.element_energies, pert.energy_scale)
 
 
 def si64() -> object:
