@@ -112,8 +112,7 @@ def main() -> None:
 
     state = replicate(TrainState(jnp.zeros((), jnp.int32), params, jax.tree_util.tree_map(jnp.copy, params),
                                  opt.init(params)), mesh)
-    consts = replicate({"element_energies": jnp.asarray(pot.element_energies, dtype),
-                        "energy_scale": jnp.asarray(pot.energy_scale, dtype)}, mesh)
+    consts = replicate(pot.state(dtype).replace(params=None), mesh)
     key = replicate(jax.random.PRNGKey(0), mesh)
     batches = [put_batch(b, mesh, dtype) for _, b in zip(range(args.steps + 1), iterate_batches(
         ds, None, budget, shuffle=True, seed=0, epoch=0, num_shards=devices), strict=False)]

@@ -1,16 +1,18 @@
 """geodite_jax: Geodite, an O(3)-equivariant interatomic potential without tensor products, in JAX/Flax."""
 
 from . import xla_setup  # noqa: F401  (first: sets XLA:CPU's memory-oriented scheduler, see xla_setup)
-from .calculator import GeoditeCalculator, enable_float64
+from .calculator import GeoditeCalculator
 from .config import GeoditeConfig
-from .graph import atoms_to_graph, batch_graphs, bucket, max_degree, neighbour_list, padding_masks, validate_atoms
+from .energy import PotentialState, atom_energies, make_energy_fn, make_predict_fn, padding_masks
+from .graph import atoms_to_graph, batch_graphs, bucket, max_degree, neighbour_list, validate_atoms
 from .model import Geodite, count_params, init_params
-from .potential import Potential, make_energy_fn, make_predict_fn
+from .potential import Potential
+from .precision import enable_float64
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Geodite", "GeoditeCalculator", "GeoditeConfig", "Potential", "atoms_to_graph", "batch_graphs", "bucket",
-    "count_params", "enable_float64", "init_params", "make_energy_fn", "make_predict_fn", "max_degree",
-    "neighbour_list", "padding_masks", "validate_atoms",
+    "Geodite", "GeoditeCalculator", "GeoditeConfig", "Potential", "PotentialState", "atom_energies",
+    "atoms_to_graph", "batch_graphs", "bucket", "count_params", "enable_float64", "init_params", "make_energy_fn",
+    "make_predict_fn", "max_degree", "neighbour_list", "padding_masks", "validate_atoms",
 ]

@@ -11,15 +11,10 @@ from ase import Atoms
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
 
+from .energy import make_predict_fn
 from .graph import atoms_to_graph, batch_graphs, bucket, max_degree
-from .potential import Potential, make_predict_fn
-
-_DTYPES = {"float32": jnp.float32, "float64": jnp.float64}
-
-
-def enable_float64() -> None:
-    """Switch JAX to 64-bit mode (a process-wide setting; float32 arrays stay float32)."""
-    jax.config.update("jax_enable_x64", True)
+from .potential import Potential
+from .precision import resolve_dtype
 
 
 class GeoditeCalculator(Calculator):
@@ -43,14 +38,10 @@ class GeoditeCalculator(Calculator):
     def __init__(self, potential: Potential, dtype: str = "float32", chunk_edges: int | None = None,
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-        if dtype == "float64":
-            enable_float64()
+        jdtype = resolve_dtype(dtype)
         self.potential = potential
         self.dtype = dtype
         self.chunk_edges = chunk_edges
-        jdtype = _DTYPES[dtype]
         self._state = potential.state(jdtype)
         self._vacuum = potential.vacuum_energies(jdtype) if potential.config.vacuum else None
         self._predictors: dict[int | None, Any] = {}  # one jitted function per edge layout

@@ -312,20 +312,3 @@ def batch_graphs(graphs: Sequence[jraph.GraphsTuple], n_node: int | None = None,
     ne[-1] = n_edge - int(ne[:-1].sum())
     return jraph.GraphsTuple(nodes={"positions": positions, "species": species}, edges={"shifts": shifts},
                              globals={"cell": cells}, senders=senders, receivers=receivers, n_node=nn, n_edge=ne)
-
-
-def padding_masks(graph: jraph.GraphsTuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(node_mask [N], edge_mask [E], graph_mask [G])``: True for real entries.
-
-    The last graph holds all padding nodes; other padding graphs are empty (a real graph never is).
-    Padding edges are zero-shift self-loops, wherever they sit (both edge layouts).
-
-    Works on numpy and on traced jax arrays (shapes are static).
-    """
-    xp = np if isinstance(graph.n_node, np.ndarray) else __import__("jax").numpy
-    n_nodes, n_graphs = graph.nodes["species"].shape[0], graph.n_node.shape[0]
-    node_mask = xp.arange(n_nodes) < graph.n_node[:-1].sum()
-    # A padding edge is a self-loop with zero shift; a real edge never is (an atom's own images have shifts).
-    edge_mask = (graph.senders != graph.receivers) | xp.any(graph.edges["shifts"] != 0, axis=-1)
-    graph_mask = (xp.arange(n_graphs) < n_graphs - 1) & (graph.n_node > 0)
-    return node_mask, edge_mask, graph_mask

@@ -57,6 +57,13 @@ class Edges:
     block: int | None = struct.field(pytree_node=False, default=None)
     sorted_receivers: bool = struct.field(pytree_node=False, default=False)
     chunk: int | None = struct.field(pytree_node=False, default=None)
+    #: Distributed runs: ``exchange(x [N, ...]) -> x`` with ghost rows replaced by their owners' rows (see
+    #: :meth:`Geodite.__call__`); None on one domain.
+    exchange: Callable[[jnp.ndarray], jnp.ndarray] | None = struct.field(pytree_node=False, default=None)
+
+    def sync(self, data: jnp.ndarray) -> jnp.ndarray:
+        """Node data ``[N, ...]`` whose ghost rows hold their owners' values (unchanged without ghosts)."""
+        return data if self.exchange is None else self.exchange(data)
 
     def aggregate(self, data: jnp.ndarray) -> jnp.ndarray:
         """Σ over each node's incoming edges: ``[E, ...] -> [N, ...]``."""
@@ -186,7 +193,7 @@ class NodeInit(nn.Module):
 
         m, rho = edges.map_chunks(neighbour_sums, (), (phi,))
         x = jnp.concatenate([embed_self.astype(dtype)[species], m / (1.0 + rho)[:, None]], axis=-1)
-        h = jax.nn.silu(x @ w_1) @ w_2
+        h = edges.sync(jax.nn.silu(x @ w_1) @ w_2)
 
         def edge_features(ec: Edges, h_c: jnp.ndarray, phi_c: jnp.ndarray) -> tuple[jnp.ndarray]:
             return ((ec.at_receivers(h_c) + ec.at_senders(h)) * (phi_c @ w_e),)
@@ -270,6 +277,7 @@ class Interaction(nn.Module):
         x_st = x_st + sum_x * inv_density[:, None, None]
 
         if not self.last:
+            x_st = edges.sync(x_st)  # the edge update reads the senders' updated steerables
             t = self._edge_update(x_st, t, sh, edges)
         return h, x_st, t
 
@@ -381,6 +389,8 @@ class Geodite(nn.Module):
         x_st = jnp.zeros((h.shape[0], 8, cfg.num_features), h.dtype)
         per_layer = []
         for i, layer in enumerate(self.layers):
+            if i:  # ghost rows computed here saw an incomplete neighbourhood: take their owners' features
+                h, x_st = edges.sync(h), edges.sync(x_st)
             h, x_st, t = layer(h, x_st, t, sh, phi, edges, deterministic)
             per_layer.append(h @ self.readout[i].astype(h.dtype))
         return jnp.stack(per_layer, axis=-1)
@@ -399,11 +409,17 @@ class Geodite(nn.Module):
 
     def __call__(self, vectors: jnp.ndarray, species: jnp.ndarray, senders: jnp.ndarray, receivers: jnp.ndarray,
                  *, vacuum: jnp.ndarray | None = None, sorted_receivers: bool = False,
-                 neighbours_per_node: int | None = None, deterministic: bool = True) -> dict[str, jnp.ndarray]:
+                 neighbours_per_node: int | None = None, deterministic: bool = True,
+                 exchange: Callable[[jnp.ndarray], jnp.ndarray] | None = None) -> dict[str, jnp.ndarray]:
         """See the class docstring. ``vacuum``: a precomputed :meth:`vacuum_energies` table (inference).
 
         ``neighbours_per_node=M``: the edges are laid out in blocks, edge e has receiver e // M (see
         :class:`Edges`); ``sorted_receivers``: receivers are non-decreasing (a hint for the sparse layout).
+
+        ``exchange`` (spatial decomposition: LAMMPS domains, device grids): ``exchange(x [N, ...]) -> x`` with
+        every ghost row replaced by its owner's row. It is applied to the node features wherever a layer
+        reads them at senders (after node init, before every later layer, before every edge update), so
+        with a one-cutoff ghost shell the energies of owned atoms equal those of the whole system.
         """
         cfg = self.config
         n = species.shape[0]
@@ -423,8 +439,11 @@ class Geodite(nn.Module):
             vectors = jnp.concatenate([vectors, jnp.broadcast_to(pad_vector, (extra * m, 3))])
             species = jnp.concatenate([species, jnp.zeros((extra,), species.dtype)])
             senders, receivers = jnp.concatenate([senders, loops]), jnp.concatenate([receivers, loops])
+        if exchange is not None and species.shape[0] > n:  # chunk padding rows are nobody's ghosts
+            inner = exchange
+            exchange = lambda x: jnp.concatenate([inner(x[:n]), x[n:]])  # noqa: E731
         edges = Edges(senders, receivers, species.shape[0], neighbours_per_node,
-                      sorted_receivers or bool(neighbours_per_node), chunk)
+                      sorted_receivers or bool(neighbours_per_node), chunk, exchange)
         r, sh, phi, rcov_sum = self.geometry(vectors, species, edges)
         per_layer = self._encode(species, sh, phi, edges, deterministic)
         if cfg.vacuum:

@@ -1,8 +1,7 @@
-"""The potential bundle (config + parameters + element reference energies + energy scale) and its outputs.
+"""The potential bundle: config + parameters + element reference energies + energy scale, saved and loaded.
 
-Energy of atom i: E_i = E0(Z_i) + s_E · (E_i^NN + E_i^ZBL). Forces F = −∂E/∂r and stress
-σ = (1/V) ∂E/∂ε (symmetric strain ε applied to positions and cell; ASE's sign convention, eV/Å³) come
-from one jit-compiled autodiff pass, so they are conservative.
+What it computes is :mod:`geodite_jax.energy` (E_i = E0(Z_i) + s_E · (E_i^NN + E_i^ZBL), forces, stress);
+:meth:`Potential.state` is the pytree those functions take.
 """
 
 from __future__ import annotations
@@ -10,19 +9,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import jraph
 import numpy as np
 
 from .config import GeoditeConfig
 from .elements import MAX_Z, mptrj_element_energies
+from .energy import PotentialState, as_dtype, make_energy_fn, make_predict_fn  # noqa: F401 (re-exported)
 from .files import atomic_directory, quiet_failed_orbax_reads, recover_directory
-from .graph import padding_masks
 from .model import Geodite, count_params, init_params
 from .priors import ZBL_UNIVERSAL
 
@@ -31,98 +28,10 @@ _META_FILE = "geodite.json"
 _PARAMS_DIR = "params"
 
 
-def as_dtype(tree: Any, dtype: Any) -> Any:
-    """Floating leaves of ``tree`` as ``dtype`` arrays; integer leaves (species, indices) unchanged."""
-    return jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype) if jnp.issubdtype(jnp.asarray(x).dtype,
-                                                                                    jnp.floating) else x, tree)
-
-
 def _as_numpy_float32(tree: Any) -> Any:
     return jax.tree_util.tree_map(
         lambda x: np.asarray(x, np.float32) if np.issubdtype(np.asarray(x).dtype, np.floating) else np.asarray(x),
         tree)
-
-
-def edge_vectors(positions: jnp.ndarray, cell: jnp.ndarray, graph: jraph.GraphsTuple) -> jnp.ndarray:
-    """``r_j + shifts @ cell_g − r_i`` for every edge, ``[E, 3]`` (``cell`` is ``[G, 3, 3]``)."""
-    edge_graph = jnp.repeat(jnp.arange(graph.n_edge.shape[0]), graph.n_edge, total_repeat_length=graph.senders.shape[0])
-    offsets = jnp.einsum("ek,ekl->el", graph.edges["shifts"], cell[edge_graph])
-    return positions[graph.senders] - positions[graph.receivers] + offsets
-
-
-def make_energy_fn(config: GeoditeConfig, sorted_receivers: bool = True, neighbours_per_node: int | None = None,
-                   chunk_edges: int | None = None) -> Callable[..., tuple[jnp.ndarray, dict]]:
-    """``fn(state, positions, cell, graph, vacuum=None, dropout_rng=None) -> (E_total, aux)``, differentiable in
-    positions, cell and ``state``; with a ``dropout_rng`` the attention dropout is on (training).
-
-    ``sorted_receivers``: the graph's receivers are non-decreasing (as :func:`batch_graphs` makes them).
-    ``neighbours_per_node``: the graph uses the block layout of ``batch_graphs(..., neighbours_per_node=M)``.
-    ``chunk_edges``: edge slots per chunk of receiver nodes in the block layout (see :class:`Geodite`).
-
-    ``state = {"params", "element_energies" [119], "energy_scale"}``. ``aux`` holds ``node_energies [N]``
-    (zero on padding), ``energy [G]`` and the unscaled components. Padding edges get a dummy vector
-    longer than the cutoff (exactly zero contribution, finite gradients).
-    """
-    model = Geodite(config, chunk_edges)
-    pad_vector = np.array([2.0 * config.cutoff + 1.0, 0.0, 0.0])
-
-    def fn(state: dict, positions: jnp.ndarray, cell: jnp.ndarray, graph: jraph.GraphsTuple,
-           vacuum: jnp.ndarray | None = None, dropout_rng: jax.Array | None = None) -> tuple[jnp.ndarray, dict]:
-        node_mask, edge_mask, _ = padding_masks(graph)
-        vectors = edge_vectors(positions, cell, graph)
-        vectors = jnp.where(edge_mask[:, None], vectors, pad_vector.astype(vectors.dtype))
-        species = graph.nodes["species"]
-        # Training passes a dropout key (attention dropout on); inference is deterministic.
-        rngs = None if dropout_rng is None else {"dropout": dropout_rng}
-        out = model.apply(state["params"], vectors, species, graph.senders, graph.receivers, vacuum=vacuum,
-                          sorted_receivers=sorted_receivers, neighbours_per_node=neighbours_per_node,
-                          deterministic=dropout_rng is None, rngs=rngs)
-        e0 = jnp.asarray(state["element_energies"], vectors.dtype)[species]
-        node_energies = e0 + state["energy_scale"] * (out["nn"] + out["zbl"])
-        node_energies = jnp.where(node_mask, node_energies, 0.0)
-        n_graph = graph.n_node.shape[0]
-        node_graph = jnp.repeat(jnp.arange(n_graph), graph.n_node, total_repeat_length=species.shape[0])
-        energy = jax.ops.segment_sum(node_energies, node_graph, n_graph, indices_are_sorted=True)
-        aux = {"node_energies": node_energies, "energy": energy, "nn": out["nn"], "zbl": out["zbl"],
-               "nn_per_layer": out["nn_per_layer"]}
-        return node_energies.sum(), aux
-
-    return fn
-
-
-def make_predict_fn(config: GeoditeConfig, sorted_receivers: bool = True, neighbours_per_node: int | None = None,
-                    chunk_edges: int | None = None) -> Callable[..., dict[str, jnp.ndarray]]:
-    """``predict(state, graph, vacuum=None, dropout_rng=None) -> {"energy" [G], "forces" [N,3], "stress", ...}``.
-
-    One autodiff pass gives forces and the strain derivative; stress is σ = (1/V) ∂E/∂ε (ASE sign, eV/Å³),
-    NaN for graphs without volume (molecules). Not jitted: wrap it in ``jax.jit``.
-    """
-    energy_fn = make_energy_fn(config, sorted_receivers, neighbours_per_node, chunk_edges)
-
-    def predict(state: dict, graph: jraph.GraphsTuple, vacuum: jnp.ndarray | None = None,
-                dropout_rng: jax.Array | None = None) -> dict[str, jnp.ndarray]:
-        positions, cell = graph.nodes["positions"], graph.globals["cell"]
-        n_graph, n_node = cell.shape[0], positions.shape[0]
-        node_graph = jnp.repeat(jnp.arange(n_graph), graph.n_node, total_repeat_length=n_node)
-
-        def strained_energy(pos: jnp.ndarray, strain: jnp.ndarray) -> tuple[jnp.ndarray, dict]:
-            sym = 0.5 * (strain + jnp.swapaxes(strain, 1, 2))
-            deform = jnp.eye(3, dtype=pos.dtype) + sym
-            pos = jnp.einsum("ni,nij->nj", pos, deform[node_graph])
-            return energy_fn(state, pos, cell @ deform, graph, vacuum, dropout_rng)
-
-        strain = jnp.zeros((n_graph, 3, 3), positions.dtype)
-        (_, aux), (grad_pos, virial) = jax.value_and_grad(strained_energy, argnums=(0, 1), has_aux=True)(
-            positions, strain)
-        node_mask, _, _ = padding_masks(graph)
-        volume = jnp.abs(jnp.linalg.det(cell))
-        safe_volume = jnp.where(volume > 0, volume, 1.0)
-        stress = jnp.where((volume > 0)[:, None, None], virial / safe_volume[:, None, None], jnp.nan)
-        return {"energy": aux["energy"], "forces": jnp.where(node_mask[:, None], -grad_pos, 0.0),
-                "stress": stress, "node_energies": aux["node_energies"], "virial": virial,
-                "nn_per_layer": aux["nn_per_layer"], "nn": aux["nn"], "zbl": aux["zbl"]}
-
-    return predict
 
 
 class Potential:
@@ -186,10 +95,9 @@ class Potential:
     def num_params(self) -> int:
         return count_params(self.params)
 
-    def state(self, dtype: Any = jnp.float32) -> dict[str, Any]:
+    def state(self, dtype: Any = jnp.float32) -> PotentialState:
         """The pytree the energy functions take: params, element energies and scale cast to ``dtype``."""
-        return {"params": as_dtype(self.params, dtype), "element_energies": jnp.asarray(self.element_energies, dtype),
-                "energy_scale": jnp.asarray(self.energy_scale, dtype)}
+        return PotentialState.create(self.params, self.element_energies, self.energy_scale, dtype)
 
     def vacuum_energies(self, dtype: Any = jnp.float32) -> jnp.ndarray:
         """Per-layer isolated-atom readouts ``[num_elements, T]`` (fixed while the parameters are)."""

@@ -23,7 +23,7 @@ from geodite_jax.data import (
     plan_batches,
     prefetch,
 )
-from geodite_jax.graph import padding_masks
+from geodite_jax.energy import padding_masks
 
 CUTOFF = 5.0
 

@@ -59,10 +59,10 @@ def test_parameter_gradients_of_a_force_loss_match(tiny, block_batch):
         fn = gd.make_predict_fn(tiny.config, neighbours_per_node=block, chunk_edges=chunk_edges)
 
         def value(params):
-            out = fn({**tiny.state(jnp.float64), "params": params}, batch)
+            out = fn(tiny.state(jnp.float64).replace(params=params), batch)
             return out["energy"][0] ** 2 + jnp.sum(out["forces"] ** 2) + jnp.sum(out["stress"] ** 2)
 
-        return jax.jit(jax.value_and_grad(value))(tiny.state(jnp.float64)["params"])
+        return jax.jit(jax.value_and_grad(value))(tiny.state(jnp.float64).params)
 
     (v0, g0), (v1, g1) = loss(0), loss(4 * block)
     np.testing.assert_allclose(v1, v0, rtol=1e-12)

@@ -74,7 +74,7 @@ def test_float32_default_and_float64_agree(tiny):
     calc64 = gd.GeoditeCalculator(tiny, dtype="float64")
     calc32.calculate(atoms, ["energy", "forces", "stress"])
     calc64.calculate(atoms, ["energy", "forces", "stress"])
-    assert calc32._state["params"]["params"]["readout"].dtype == np.float32
+    assert calc32._state.params["params"]["readout"].dtype == np.float32
     f64 = calc64.results["forces"]
     np.testing.assert_allclose(calc32.results["energy"], calc64.results["energy"], rtol=1e-5)
     np.testing.assert_allclose(calc32.results["forces"], f64, atol=1e-4 * max(1.0, np.abs(f64).max()))

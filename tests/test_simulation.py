@@ -232,13 +232,13 @@ def test_gradient_of_md_observable_matches_finite_differences(pot, si64):
     fn = jax.jit(lambda s, r: observable(s, r, momenta)[0])
 
     def with_readout(delta):
-        params = dict(state["params"]["params"])
+        params = dict(state.params["params"])
         params["readout"] = params["readout"].at[0, 3].add(delta)
-        return {**state, "params": {**state["params"], "params": params}}
+        return state.replace(params={**state.params, "params": params})
 
     eps = 1e-4
     fd = (fn(with_readout(eps), system.positions) - fn(with_readout(-eps), system.positions)) / (2 * eps)
-    assert float(g_state["params"]["params"]["readout"][0, 3]) == pytest.approx(float(fd), rel=1e-6)
+    assert float(g_state.params["params"]["readout"][0, 3]) == pytest.approx(float(fd), rel=1e-6)
     direction = np.random.default_rng(1).normal(size=(system.n_atoms, 3))
     to_frac = direction @ np.linalg.inv(np.asarray(system.box)).T
     fd = (fn(state, system.positions + eps * to_frac) - fn(state, system.positions - eps * to_frac)) / (2 * eps)

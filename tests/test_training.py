@@ -217,8 +217,7 @@ _TWO_DEVICES = textwrap.dedent("""
         params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), pot.params)
         state = replicate(TrainState(jnp.zeros((), jnp.int32), params, jax.tree_util.tree_map(jnp.copy, params),
                                      opt.init(params)), mesh)
-        consts = replicate({"element_energies": jnp.asarray(pot.element_energies),
-                            "energy_scale": jnp.asarray(pot.energy_scale)}, mesh)
+        consts = replicate(pot.state(jnp.float64).replace(params=None), mesh)
         key = replicate(jax.random.PRNGKey(0), mesh)
         for _ in range(2):
             state, metrics = step(state, put_batch(batch, mesh, jnp.float64), consts, key)

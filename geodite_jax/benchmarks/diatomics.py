@@ -290,8 +290,8 @@ def dimer_curves(potential: Any, pairs: Sequence[tuple[str, str]], distances: np
     import jax.numpy as jnp
     from ase import Atoms
 
-    from ..calculator import enable_float64
     from ..graph import atoms_to_graph, batch_graphs
+    from ..precision import enable_float64
 
     if dtype == "float64":
         enable_float64()

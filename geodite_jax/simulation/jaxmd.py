@@ -35,11 +35,12 @@ from jax_md import custom_partition, partition, space
 from jax_md import dataclasses as jdc
 
 from ..config import GeoditeConfig
+from ..energy import PotentialState, atom_energies, strain_derivatives, stress_from_virial, symmetric_deformation
 from ..graph import MIN_DISTANCE, validate_atoms
 from ..model import Geodite
 from ..potential import Potential
+from ..precision import check_dtype_name, resolve_dtype
 
-_DTYPES = {"float32": jnp.float32, "float64": jnp.float64}
 FORMATS = {"dense": partition.Dense, "sparse": partition.Sparse}
 
 
@@ -213,19 +214,17 @@ def make_geodite_energy(config: GeoditeConfig, displacement_fn: Callable, specie
     species = jnp.asarray(species, jnp.int32)
     n = species.shape[0]
 
-    def model_energy(state: dict, R: jnp.ndarray, idx: jnp.ndarray, shifts: jnp.ndarray | None,
+    def model_energy(state: PotentialState, R: jnp.ndarray, idx: jnp.ndarray, shifts: jnp.ndarray | None,
                      reference: jnp.ndarray | None, vacuum: jnp.ndarray | None, **kwargs: Any) -> jnp.ndarray:
         receivers, senders, valid = _pairs(idx, n, dense)
         flat = None if shifts is None else shifts.reshape(-1, 3)
         vectors = vector_fn(R, receivers, senders, flat, reference, **kwargs)
-        # Padding pairs get a vector beyond the cutoff: exactly zero energy and finite gradients.
-        vectors = jnp.where(valid[:, None], vectors, jnp.asarray([2.0 * config.cutoff + 1.0, 0.0, 0.0], R.dtype))
-        out = model.apply(state["params"], vectors, species, senders, receivers, vacuum=vacuum,
-                          sorted_receivers=not dense, neighbours_per_node=idx.shape[1] if dense else None)
-        e0 = jnp.asarray(state["element_energies"], R.dtype)[species]
-        return jnp.sum(e0 + state["energy_scale"] * (out["nn"] + out["zbl"]))
+        node_energies, _ = atom_energies(model, state, vectors, species, senders, receivers, edge_mask=valid,
+                                         vacuum=vacuum, sorted_receivers=not dense,
+                                         neighbours_per_node=idx.shape[1] if dense else None)
+        return jnp.sum(node_energies)
 
-    def energy(state: dict, R: jnp.ndarray, neighbor: GeoditeNeighborList, vacuum: jnp.ndarray | None = None,
+    def energy(state: PotentialState, R: jnp.ndarray, neighbor: GeoditeNeighborList, vacuum: jnp.ndarray | None = None,
                **kwargs: Any) -> jnp.ndarray:
         idx, shifts = neighbor.idx, (neighbor.shifts if multi_image else None)
         reference = neighbor.reference if multi_image else None
@@ -399,23 +398,20 @@ def make_energy_forces_stress(energy_fn: Callable[..., jnp.ndarray], periodic: b
                               ) -> Callable[..., tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]]:
     """``fn(R, nbr, box) -> (E, F [n_atoms, 3], σ [3, 3])`` in one autodiff pass (σ = (1/V) ∂E/∂ε, ASE sign).
 
-    The strain enters as jax-md's ``perturbation`` (``(I + ε) dR`` on every pair vector), which is the
-    same symmetric-strain derivative as :func:`~geodite_jax.potential.make_predict_fn` for a rotation
-    invariant energy.
+    An adapter of :func:`~geodite_jax.energy.strain_derivatives` (the derivation every stress uses): the
+    strain enters as jax-md's ``perturbation``, the deformation applied to every pair vector.
     """
 
     def fn(R: jnp.ndarray, nbr: GeoditeNeighborList, box: jnp.ndarray | None
            ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
-        eye = jnp.eye(3, dtype=R.dtype)
         kwargs = {} if box is None or not periodic else {"box": box}
 
-        def strained(R: jnp.ndarray, eps: jnp.ndarray) -> jnp.ndarray:
-            return energy_fn(R, neighbor=nbr, perturbation=eye + eps, **kwargs)
+        def strained(R: jnp.ndarray, strain: jnp.ndarray) -> tuple[jnp.ndarray, None]:
+            return energy_fn(R, neighbor=nbr, perturbation=symmetric_deformation(strain), **kwargs), None
 
-        e, (g, virial) = jax.value_and_grad(strained, argnums=(0, 1))(R, jnp.zeros((3, 3), R.dtype))
-        if not periodic:
-            return e, -g, jnp.full((3, 3), jnp.nan, R.dtype)
-        return e, -g, virial / jnp.abs(jnp.linalg.det(box))
+        e, _, forces, virial = strain_derivatives(strained, R)
+        volume = jnp.abs(jnp.linalg.det(box)) if periodic else jnp.zeros((), R.dtype)
+        return e, forces, stress_from_virial(virial, volume)
 
     return fn
 
@@ -439,15 +435,12 @@ def jaxmd_system(potential: Potential, atoms: Atoms, dtype: str = "float64", ski
             multi-image list such cells get is dense only), overlapping atoms, or an element the model does
             not know.
     """
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    check_dtype_name(dtype)
     if neighbour_format not in FORMATS:
         raise ValueError(f"neighbour_format must be one of {sorted(FORMATS)}, got {neighbour_format!r}")
     if not skin >= 0:
         raise ValueError(f"skin must be a non-negative length in Å, got {skin}")
-    if dtype == "float64":
-        jax.config.update("jax_enable_x64", True)
-    jdtype = _DTYPES[dtype]
+    jdtype = resolve_dtype(dtype)
     config = potential.config
     check_elements(atoms, potential)
     pbc = np.asarray(atoms.pbc, bool)

@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from ..config import GeoditeConfig
+from ..precision import DTYPE_NAMES
 
 _LOSSES = ("huber", "mse", "mae")
 _SCHEDULES = ("linear", "cosine", "constant")
-_DTYPES = ("float32", "float64")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +85,7 @@ class TrainConfig:
         checks = [
             (self.loss in _LOSSES, f"loss must be one of {_LOSSES}, got {self.loss!r}"),
             (self.schedule in _SCHEDULES, f"schedule must be one of {_SCHEDULES}, got {self.schedule!r}"),
-            (self.dtype in _DTYPES, f"dtype must be one of {_DTYPES}, got {self.dtype!r}"),
+            (self.dtype in DTYPE_NAMES, f"dtype must be one of {list(DTYPE_NAMES)}, got {self.dtype!r}"),
             (self.on_error in ("raise", "skip"), f"on_error must be 'raise' or 'skip', got {self.on_error!r}"),
             (self.energy_label in ("uncorrected", "corrected"),
              f"energy_label must be 'uncorrected' or 'corrected', got {self.energy_label!r}"),

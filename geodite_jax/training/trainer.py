@@ -36,8 +36,10 @@ from jax.sharding import PartitionSpec as P
 
 from ..config import GeoditeConfig
 from ..elements import MPTRJ_ENERGY_SCALE, mptrj_element_energies
+from ..energy import PotentialState, as_dtype, make_predict_fn
 from ..files import recover_directory
-from ..potential import Potential, as_dtype, make_predict_fn
+from ..potential import Potential
+from ..precision import resolve_dtype
 from .checkpoint import load_checkpoint, load_checkpoint_meta, save_checkpoint
 from .config import TrainConfig
 from .evaluation import (
@@ -322,19 +324,19 @@ def make_train_step(model_config: GeoditeConfig, optimizer: optax.GradientTransf
                     cfg: TrainConfig, mesh: Mesh) -> Callable[..., tuple[TrainState, dict]]:
     """``step(state, batch [D, ...], consts, key) -> (state, metrics)``, jitted and sharded over ``mesh``.
 
-    ``consts`` = ``{"element_energies", "energy_scale"}`` (not trained); ``key`` seeds dropout.
+    ``consts``: a :class:`PotentialState` without params (E0 and s_E, not trained); ``key`` seeds dropout.
     """
     predict = make_predict_fn(model_config)
     weights = {"energy": cfg.energy_weight, "forces": cfg.forces_weight, "stress": cfg.stress_weight}
     dropout = model_config.attention_dropout > 0
 
-    def device_step(state: TrainState, batch: Any, consts: dict, key: jax.Array) -> tuple[TrainState, dict]:
+    def device_step(state: TrainState, batch: Any, consts: PotentialState, key: jax.Array) -> tuple[TrainState, dict]:
         n_local = batch.energy.shape[0]
         first = jax.lax.axis_index("data") * n_local  # global index of this device's first sub-batch
         total = jax.lax.psum(counts(batch), "data")  # counts are sums: the [L, ...] axis needs no loop
 
         def local_loss(params: Any) -> tuple[jax.Array, dict]:
-            model_state = {"params": params, **consts}
+            model_state = consts.replace(params=params)
 
             def one(sub: Any, i: jax.Array) -> dict:
                 rng = jax.random.fold_in(jax.random.fold_in(key, state.step), first + i) if dropout else None
@@ -417,13 +419,11 @@ class Trainer:
     after every step (a hook may raise to stop the run, e.g. to test recovery from a kill)."""
 
     def __init__(self, cfg: TrainConfig, hooks: list[Callable[[Trainer, dict], None]] | None = None) -> None:
-        if cfg.dtype == "float64":
-            jax.config.update("jax_enable_x64", True)
+        self.dtype = resolve_dtype(cfg.dtype)
         self.cfg = cfg
         self.hooks = list(hooks or [])
         self.out = Path(cfg.out)
         self.is_main = jax.process_index() == 0  # with several hosts, one writes logs, checkpoints, models
-        self.dtype = jnp.float64 if cfg.dtype == "float64" else jnp.float32
         model_config = (Potential.load(cfg.finetune_from).config if cfg.finetune_from else cfg.model_config())
         self.data = load_datasets(cfg, model_config)
         for warning in check_labels(self.data.train, cfg):
@@ -444,8 +444,7 @@ class Trainer:
         # epoch 0's count times the number of epochs (an estimate; the run ends when the epochs do).
         self.total_steps = self.steps_per_epoch * cfg.epochs
         self.optimizer, self.schedule = make_optimizer(cfg, self.total_steps)
-        self.consts = {"element_energies": jnp.asarray(self.potential.element_energies, self.dtype),
-                       "energy_scale": jnp.asarray(self.potential.energy_scale, self.dtype)}
+        self.consts = self.potential.state(self.dtype).replace(params=None)
         recipe = {k: v for k, v in cfg.to_dict().items() if k not in _RESUMABLE_CHANGES}
         self.step_fn = _compiled_step(self.config, json.dumps(recipe, sort_keys=True), self.norms,
                                       self.total_steps, self.mesh)
@@ -517,7 +516,7 @@ class Trainer:
         from ..data import iterate_batches
 
         ds = self.data.valid
-        model_state = {"params": host_copy(state.ema), **self.consts}
+        model_state = self.consts.replace(params=host_copy(state.ema))
         weights = {"energy": self.cfg.energy_weight, "forces": self.cfg.forces_weight,
                    "stress": self.cfg.stress_weight}
         sums_total: dict[str, float] = {}
@@ -653,8 +652,7 @@ class Trainer:
         test_metrics = baseline = pred = None
         if self.data.test is not None and int(state.step) > 0:
             chosen = best if best is not None else final
-            model_state = {"params": jax.tree_util.tree_map(lambda x: jnp.asarray(x, self.dtype), chosen.params),
-                           **self.consts}
+            model_state = self.consts.replace(params=as_dtype(chosen.params, self.dtype))
             pred = predict_dataset(model_state, self.config, self.data.test, dtype=self.dtype, predict=self.predict)
             test_metrics = error_metrics(pred, self.data.test)
             baseline = error_metrics(baseline_predictions(self.data.train, self.data.test), self.data.test)
