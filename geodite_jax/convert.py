@@ -22,6 +22,7 @@ import numpy as np
 
 from .config import GeoditeConfig
 from .elements import COVALENT_RADII, MAX_Z
+from .potential import Potential
 
 # Defaults of the reference ``Geodite`` encoder for arguments absent from ``encoder.args`` (a missing
 # argument means the reference used this value, so it is checked like a given one).
@@ -296,10 +297,8 @@ def _dataset_constants(sd: dict[str, Any], fidelity: str | None, num_elements: i
     return name, element_energies, scale, stats
 
 
-def potential_from_reference_checkpoint(path: str | os.PathLike, fidelity: str | None = None) -> Any:
+def potential_from_reference_checkpoint(path: str | os.PathLike, fidelity: str | None = None) -> Potential:
     """A :class:`~geodite_jax.potential.Potential` from a checkpoint of the authors' implementation.
-
-    Also available as ``Potential.from_reference_checkpoint(path)``.
 
     Args:
         path: the Lightning checkpoint (``.ckpt``), e.g. the released ``Geodite-MP.ckpt``.
@@ -315,8 +314,6 @@ def potential_from_reference_checkpoint(path: str | os.PathLike, fidelity: str |
         ValueError: an unreadable file, a missing or misshapen key, or a hyper-parameter that geodite_jax
             does not reproduce (the message names it).
     """
-    from .potential import Potential
-
     path = Path(path)
     ckpt = _load_torch_checkpoint(path)
     config = config_from_hyper_parameters(ckpt["hyper_parameters"])

@@ -80,13 +80,6 @@ class Potential:
             params["params"]["zbl_coefs"] = np.asarray(coefs, np.float32)
         return cls(config, params, element_energies, energy_scale, {"seed": seed})
 
-    @classmethod
-    def from_reference_checkpoint(cls, path: str | os.PathLike, fidelity: str | None = None) -> Potential:
-        """Convert a checkpoint of the authors' PyTorch implementation (needs torch; see :mod:`geodite_jax.convert`)."""
-        from .convert import potential_from_reference_checkpoint
-
-        return potential_from_reference_checkpoint(path, fidelity)
-
     @property
     def model(self) -> Geodite:
         return Geodite(self.config)

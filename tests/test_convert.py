@@ -63,10 +63,10 @@ def test_converted_bundle(torch, path, cutoff, features, layers, heads, rbf, par
     json.dumps(pot.metadata)  # stored in the bundle's JSON
 
 
-def test_classmethod_alias_and_bundle_roundtrip(torch, tmp_path):
+def test_converted_bundle_roundtrip(torch, tmp_path):
     from geodite_jax import Potential
 
-    pot = Potential.from_reference_checkpoint(SMALL)
+    pot = potential_from_reference_checkpoint(SMALL)
     again = Potential.load(pot.save(tmp_path / "geodite-small"))
     assert again.config == pot.config and again.energy_scale == pot.energy_scale
     np.testing.assert_array_equal(again.element_energies, pot.element_energies)
