@@ -15,6 +15,7 @@ import pytest
 from ase.build import bulk
 
 import geodite_jax as gd
+from geodite_jax.batched import dimer_curves
 from geodite_jax.benchmarks import diatomics as di
 from geodite_jax.benchmarks import phonons as ph
 from geodite_jax.cli import bench as bench_cli
@@ -96,7 +97,7 @@ def test_bench_diatomics_two_elements(model_dir, tmp_path, tiny):
 
 def test_dimer_curves_physics(tiny):
     """Forces are the distance derivative, equal and opposite; beyond the cutoff E = E0(A) + E0(B), F = 0."""
-    curves = di.dimer_curves(tiny, [("Si", "H")])["Si-H"]
+    curves = dimer_curves(tiny, [("Si", "H")], di.DISTANCES, di.BOX)["Si-H"]
     r, e, f = curves["distances"], curves["energies"], curves["forces"]
     np.testing.assert_allclose(f[:, 1], -f[:, 0], atol=1e-10)
     assert np.abs(f[:, :, 1:]).max() < 1e-10  # no force off the bond axis

@@ -1,4 +1,4 @@
-"""MD analysis (geodite_jax.benchmarks.md) on hand-checkable cases, and a smoke test of the argyrodite pipeline's
+"""MD analysis (geodite_jax.benchmarks.trajectory) on hand-checkable cases, and a smoke test of the argyrodite pipeline's
 MD + analysis stages on the real AIMD start frame."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from ase import Atoms
 
-from geodite_jax.benchmarks import md as mda
+from geodite_jax.benchmarks import trajectory as mda
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 AIMD = SHARED / "data" / "argyrodite-Li6PS5Cl-aimd"

@@ -1,5 +1,5 @@
 """experiments/kappa_teacher/run.py: material selection rule, training configurations, smoke run; and
-``diatomics.known_elements`` on trainer metadata (atomic numbers)."""
+``batched.known_elements`` (the diatomics benchmark's default elements) on trainer metadata (atomic numbers)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from ase.build import bulk, make_supercell
 
 import geodite_jax as gd
-from geodite_jax.benchmarks import diatomics as di
+from geodite_jax import batched as di  # known_elements, formerly in benchmarks.diatomics
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

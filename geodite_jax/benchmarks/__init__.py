@@ -1,11 +1,12 @@
 """Model-independent benchmark tools: Matbench Discovery metrics and relax driver, phonons and κ_SRME, diatomics,
-MD analysis against reference trajectories (RDF overlap, MSD and diffusivity, stability: :mod:`.md`).
+trajectory analysis against reference MD (RDF overlap, MSD and diffusivity, stability: :mod:`.trajectory`).
 
 Every metric is a pure NumPy function of predictions and references, re-implemented from the published
 definitions (``../shared/docs/data_and_benchmarks.md`` §2) and unit-tested on hand-computed cases. The
 drivers take any ASE calculator (normally :class:`geodite_jax.GeoditeCalculator`) so that peers can be run
-through the same code. Optional heavy dependencies (pymatgen, phonopy, phono3py, matplotlib, tqdm) are
-imported inside the functions that need them.
+through the same code; nothing here imports Geodite (its batched dimer curves are
+:func:`geodite_jax.batched.dimer_curves`). Optional heavy dependencies (pymatgen, phonopy, phono3py,
+matplotlib, tqdm) are imported inside the functions that need them.
 """
 
 from __future__ import annotations

@@ -2,12 +2,12 @@
 
 Protocol (``data_and_benchmarks.md`` §2.4): two atoms along x in a 50 Å periodic cubic box at distances
 ``geomspace(0.1, 6.0, 119)`` Å, float64. Metrics are evaluated on ``[0.9·r_cov, 6 Å]`` (r_cov: ASE's covalent
-radius of the first element). Curves: ``distances [n]`` (Å), ``energies [n]`` (eV), ``forces [n, 2, 3]`` (eV/Å).
+radius of the first element). Curves: ``distances [n]`` (Å), ``energies [n]`` (eV), ``forces [n, 2, 3]`` (eV/Å),
+from any model; Geodite's are computed in one batched call by :func:`geodite_jax.batched.dimer_curves`.
 """
 
 from __future__ import annotations
 
-import functools
 import gzip
 import json
 import math
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from ase.data import atomic_masses, atomic_numbers, chemical_symbols, covalent_radii
+from ase.data import atomic_masses, atomic_numbers, covalent_radii
 
 from . import shared_file
 
@@ -259,69 +259,6 @@ def load_reference_curves(path: str | os.PathLike | None = None, functional: str
 
 
 # ------------------------------------------------------------------------------------------ evaluation
-def known_elements(potential: Any) -> list[str]:
-    """Symbols of the elements a potential was trained on: ``metadata["elements"]`` if recorded (atomic
-    numbers, as the trainer writes them, or symbols), else those with a non-zero isolated-atom energy E0."""
-    meta = getattr(potential, "metadata", {}) or {}
-    if meta.get("elements"):
-        return [s if isinstance(s, str) and not s.isdigit() else chemical_symbols[int(s)] for s in meta["elements"]]
-    e0 = np.asarray(potential.element_energies)
-    limit = min(len(e0), potential.config.num_elements)
-    return [chemical_symbols[z] for z in range(1, limit) if e0[z] != 0.0]
-
-
-@functools.lru_cache(maxsize=8)
-def _jitted_predict(config: Any) -> Any:
-    """One jitted predictor per model configuration, so repeated calls reuse the compiled dimer batch."""
-    import jax
-
-    from ..potential import make_predict_fn
-
-    return jax.jit(make_predict_fn(config, sorted_receivers=True))
-
-
-def dimer_curves(potential: Any, pairs: Sequence[tuple[str, str]], distances: np.ndarray = DISTANCES,
-                 dtype: str = "float64") -> dict[str, dict[str, np.ndarray]]:
-    """Energies [n] and forces [n, 2, 3] of each dimer ``"A-B"`` on ``distances`` (one batched call per pair).
-
-    Points closer than the graph builder's overlap limit get NaN (outside every evaluation window).
-    """
-    import jax
-    import jax.numpy as jnp
-    from ase import Atoms
-
-    from ..graph import atoms_to_graph, batch_graphs
-    from ..precision import enable_float64
-
-    if dtype == "float64":
-        enable_float64()
-    jdtype, npdtype = (jnp.float64, np.float64) if dtype == "float64" else (jnp.float32, np.float32)
-    cfg = potential.config
-    state = potential.state(jdtype)
-    vacuum = potential.vacuum_energies(jdtype) if cfg.vacuum else None
-    predict = _jitted_predict(cfg)
-    n = len(distances)
-    out = {}
-    for a, b in pairs:
-        graphs, ok = [], []
-        for r in distances:
-            atoms = Atoms([a, b], positions=[[0, 0, 0], [r, 0, 0]], cell=np.eye(3) * BOX, pbc=True)
-            try:
-                graphs.append(atoms_to_graph(atoms, cfg.cutoff, cfg.num_elements, npdtype))
-                ok.append(True)
-            except ValueError:
-                ok.append(False)
-        # Fixed padding (2 nodes and ≤ 2 edges per dimer) so all pairs share one compiled shape.
-        batch = batch_graphs(graphs, 2 * n + 2, 2 * n + 2, n + 1)
-        res = predict(state, jax.tree_util.tree_map(jnp.asarray, batch), vacuum)
-        energies, forces = np.full(n, np.nan), np.full((n, 2, 3), np.nan)
-        idx = np.flatnonzero(ok)
-        energies[idx] = np.asarray(res["energy"][: len(idx)], np.float64)
-        forces[idx] = np.asarray(res["forces"][: 2 * len(idx)], np.float64).reshape(-1, 2, 3)
-        out[f"{a}-{b}"] = {"distances": np.asarray(distances, np.float64), "energies": energies, "forces": forces}
-    return out
-
-
 def curve_metrics(pair: str, curve: dict[str, np.ndarray], reference: dict[str, dict] | None = None) -> dict[str, Any]:
     """Smoothness (and PBE metrics for a homonuclear pair with a reference) on the evaluation window."""
     lo, hi = evaluation_window(pair)

@@ -206,11 +206,12 @@ def _diatomics(args: argparse.Namespace) -> int:
     import numpy as np
     from ase.data import atomic_numbers
 
+    from ..batched import dimer_curves, known_elements
     from ..benchmarks import diatomics as di
     from ..benchmarks import environment_summary, to_jsonable, write_tables
 
     pot, _ = _load(args)
-    elements = args.elements or di.known_elements(pot)
+    elements = args.elements or known_elements(pot)
     bad = [e for e in elements if e not in atomic_numbers]
     if bad:
         raise ValueError(f"unknown element symbols: {', '.join(bad)}")
@@ -224,7 +225,7 @@ def _diatomics(args: argparse.Namespace) -> int:
     if args.hetero:
         pairs += list(itertools.combinations(elements, 2))
     t0 = time.perf_counter()
-    curves = di.dimer_curves(pot, pairs, dtype=args.dtype)
+    curves = dimer_curves(pot, pairs, di.DISTANCES, di.BOX, dtype=args.dtype)
     rows = [di.curve_metrics(name, c, reference) for name, c in curves.items()]
     out = Path(args.out)
     if not args.no_plots:
