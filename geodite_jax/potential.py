@@ -20,6 +20,7 @@ from .config import GeoditeConfig
 from .elements import MAX_Z, mptrj_element_energies
 from .energy import PotentialState, as_dtype, make_energy_fn, make_predict_fn  # noqa: F401 (re-exported)
 from .files import atomic_directory, quiet_failed_orbax_reads, recover_directory
+from .graph import validate_atoms
 from .model import Geodite, count_params, init_params
 from .priors import ZBL_UNIVERSAL
 
@@ -99,17 +100,25 @@ class Potential:
         return fn(as_dtype(self.params, dtype))
 
     def check_elements(self, numbers: Any) -> None:
-        """``ValueError`` naming any atomic number in ``numbers`` that is not a valid element (1..118) or that
-        the potential was not trained on.
+        """``ValueError`` naming any atomic number in ``numbers`` (``[n_atoms]``) that is not a valid element
+        (1..118), lies beyond the model's ``config.num_elements``, or that the potential was not trained on:
+        the one answer to "can this potential evaluate these elements".
 
         The trained set is ``metadata["elements"]`` (recorded by the trainer); without it every element
         below ``config.num_elements`` is accepted (an untrained or converted potential).
         """
-        numbers = np.asarray(numbers)
+        numbers = np.asarray(numbers).reshape(-1)
         bad = np.flatnonzero((numbers < 1) | (numbers > MAX_Z))
         if bad.size:
-            raise ValueError(f"unknown element: atomic number {int(numbers.ravel()[bad[0]])} at atom {int(bad[0])} "
+            raise ValueError(f"unknown element: atomic number {int(numbers[bad[0]])} at atom {int(bad[0])} "
                              f"(valid atomic numbers are 1..{MAX_Z})")
+        bad = np.flatnonzero(numbers >= self.config.num_elements)
+        if bad.size:
+            from ase.data import chemical_symbols
+
+            z = int(numbers[bad[0]])
+            raise ValueError(f"element {chemical_symbols[z]} (Z={z}) at atom {int(bad[0])} is not known to this "
+                             f"model, which covers Z=1..{self.config.num_elements - 1}")
         known = self.metadata.get("elements")
         if known is None:
             return
@@ -121,6 +130,13 @@ class Potential:
             names = ", ".join(f"{chemical_symbols[z]} (Z={z})" for z in missing)
             trained = ", ".join(chemical_symbols[z] for z in sorted(known_set) if 1 <= z <= MAX_Z)
             raise ValueError(f"{names}: not an element this potential was trained on ({trained}); fine-tune it first")
+
+    def check_atoms(self, atoms: Any) -> None:
+        """``ValueError`` naming the problem if this potential cannot evaluate ``atoms`` (an ASE ``Atoms``): an
+        empty structure, NaN or inf positions or cell, a singular cell (:func:`~geodite_jax.graph.validate_atoms`),
+        or an element it does not know (:meth:`check_elements`)."""
+        validate_atoms(atoms, self.config.num_elements)
+        self.check_elements(atoms.numbers)
 
     def _check_params(self) -> None:
         expected = jax.eval_shape(lambda: init_params(self.config, 0))

@@ -49,7 +49,7 @@ def test_jaxmd_matches_calculator_triclinic(pot, fmt):
     atoms = bulk("NaCl", "rocksalt", a=5.64).repeat(4)  # primitive fcc cell: triclinic, 128 atoms
     atoms.cell = atoms.cell.array + np.array([[0.3, 0.1, 0.0], [0.0, 0.2, 0.3], [0.1, -0.2, 0.1]])
     atoms.rattle(0.05, seed=4)
-    system = jaxmd_system(pot, atoms, dtype="float64", neighbour_format=fmt)
+    system = jaxmd_system(pot, atoms, dtype="float64", neighbor_format=fmt)
     assert not np.allclose(system.rotation, np.eye(3))  # the standard-form rotation is exercised
     nbr = system.allocate(system.positions)
     energy, forces, stress = system.energy_forces_stress(system.positions, nbr)

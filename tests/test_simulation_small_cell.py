@@ -70,4 +70,4 @@ def test_small_cell_nve_conserves_energy_and_matches_calculator_after_wrapping(s
 def test_sparse_format_small_cell_is_a_clear_error():
     pot = sane_potential()
     with pytest.raises(ValueError, match="multi-image.*dense only"):
-        jaxmd_system(pot, bulk("Si", "diamond", a=5.43, cubic=True), neighbour_format="sparse")
+        jaxmd_system(pot, bulk("Si", "diamond", a=5.43, cubic=True), neighbor_format="sparse")

@@ -11,7 +11,7 @@ from typing import Any
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     """(potential, atoms) from ``--model`` and ``INPUT``, with the model's element check and ``--repeat``."""
     from ..potential import Potential
-    from ..simulation import check_elements, read_structure
+    from ..simulation import read_structure
 
     model = Path(args.model)
     if not model.exists():
@@ -22,7 +22,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
             raise ValueError(f"--repeat needs three positive integers, got {args.repeat}")
         atoms = atoms.repeat(tuple(args.repeat))
     pot = Potential.load(model)
-    check_elements(atoms, pot)
+    pot.check_atoms(atoms)
     return pot, atoms
 
 
@@ -57,7 +57,7 @@ def _run_md(args: argparse.Namespace) -> int:
         md = runner.init()
     print(f"{args.ensemble.upper()} MD of {len(atoms)} atoms ({atoms.get_chemical_formula()}), {args.steps} steps of "
           f"{args.timestep_fs} fs at {args.temperature} K, {system.dtype.__name__}, jax-md "
-          f"{system.neighbour_format} neighbour list (skin {args.skin} Å)")
+          f"{system.neighbor_format} neighbour list (skin {args.skin} Å)")
 
     def report(rec: dict[str, float]) -> None:
         if args.quiet:

@@ -24,12 +24,12 @@ from ase import units
 from jax_md import simulate
 
 from .io import CSVLog, TrajectoryWriter, frame, output_record, truncate_outputs
-from .jaxmd import GeoditeNeighborList, JaxMDSystem, box_perpendicular_widths
+from .jaxmd import JaxMDSystem
+from .neighbors import GeoditeNeighborList, box_perpendicular_widths, run_with_regrowth
 
 ENSEMBLES = ("nve", "nvt", "npt")
 THERMOSTATS = ("langevin", "nose-hoover")
 CHECKPOINT_VERSION = 2  # 2: + neighbour-list state and output sizes (1 still reads)
-MAX_REDO = 8
 
 
 @pydc.dataclass(frozen=True)
@@ -216,25 +216,23 @@ class MDRunner:
     def advance(self, md: MDState, n_steps: int) -> MDState:
         """``n_steps`` steps in one compiled block; an overflowing neighbour list is reallocated and the
         block redone from its start (so the result never depends on a dropped pair)."""
-        nbr = md.neighbors
-        for _ in range(MAX_REDO):
-            state, new_nbr = self._block(md.state, nbr, jnp.asarray(n_steps, jnp.int32))
-            finite = bool(np.all(np.isfinite(np.asarray(state.position))))
-            overflow = bool(new_nbr.did_buffer_overflow) or bool(new_nbr.tight_overflow) or not finite
-            if not overflow:
-                self._check_box(state)
-                return MDState(state, new_nbr, md.step + n_steps)
+        fns, tried = self.system.neighbor_fn, [md.neighbors]
+
+        def regrow(state: Any, failed: GeoditeNeighborList, finite: bool) -> GeoditeNeighborList | None:
             # Capacities from the larger of the needs at the block's start and at its (failed) end.
             box_end = self.box_of(state) if finite else self.box_of(md.state)
-            grown = self.system.grow(new_nbr, state.position if finite else md.state.position, box_end,
-                                     tight=not finite or bool(new_nbr.tight_overflow))
-            nbr = self.system.neighbor_fn.update(md.state.position, grown.skin, **self._box_kwargs(md.state))
-            nbr = grown.set(skin=nbr)
-            if not finite and nbr.capacity == md.neighbors.capacity == int(nbr.skin.idx.shape[1]):
-                break
-            md = MDState(md.state, nbr, md.step)
-        raise RuntimeError(f"MD block at step {md.step} did not finish: the neighbour list kept overflowing or the "
-                           "state became non-finite (time step too large or an unstable structure?)")
+            grown = fns.grow(failed, state.position if finite else md.state.position, box_end,
+                             tight=not finite or bool(failed.tight_overflow))
+            nbr = fns.refit(grown, md.state.position, **self._box_kwargs(md.state))
+            if not finite and nbr.capacity == tried[-1].capacity == int(nbr.skin.idx.shape[1]):
+                return None  # nothing left to grow: the state itself blew up
+            tried.append(nbr)
+            return nbr
+
+        state, nbr = run_with_regrowth(lambda nbr: self._block(md.state, nbr, jnp.asarray(n_steps, jnp.int32)),
+                                       md.neighbors, regrow, f"MD block at step {md.step}")
+        self._check_box(state)
+        return MDState(state, nbr, md.step + n_steps)
 
     def _check_box(self, state: Any) -> None:
         if not _is_npt(self.settings) or self.system.multi_image:  # the multi-image list takes any width

@@ -15,8 +15,7 @@ from ase import Atoms, units
 from jax_md import minimize
 
 from .jaxmd import JaxMDSystem
-
-MAX_REDO = 8
+from .neighbors import run_with_regrowth
 
 
 @pydc.dataclass
@@ -95,7 +94,8 @@ def relax_jaxmd(system: JaxMDSystem, fmax: float = 0.02, max_steps: int = 1000, 
         raise ValueError(f"fmax must be positive (eV/Å), got {fmax}")
     init_fn, apply_fn = minimize.fire_descent(system.energy_fn, system.shift_fn, dt_start=dt_start, dt_max=dt_max)
     masses = jnp.asarray(system.masses, system.dtype)
-    nbr = system.allocate(system.positions, system.box)
+    fns = system.neighbor_fn
+    nbr = fns.allocate(system.positions, system.box)
     state = init_fn(system.positions, mass=masses, neighbor=nbr)
 
     @jax.jit
@@ -113,16 +113,14 @@ def relax_jaxmd(system: JaxMDSystem, fmax: float = 0.02, max_steps: int = 1000, 
     steps = 0
     while steps < max_steps and force_max(state) > fmax:
         n = min(block, max_steps - steps)
-        for _ in range(MAX_REDO):
-            new_state, new_nbr = run_block(state, nbr, jnp.asarray(n, jnp.int32))
-            finite = bool(np.all(np.isfinite(np.asarray(new_state.position))))
-            if finite and not bool(new_nbr.did_buffer_overflow) and not bool(new_nbr.tight_overflow):
-                state, nbr = new_state, new_nbr
-                break
-            grown = system.grow(new_nbr, new_state.position if finite else state.position, tight=not finite)
-            nbr = grown.set(skin=system.neighbor_fn.update(state.position, grown.skin))
-        else:
-            raise RuntimeError("FIRE block did not finish: neighbour list kept overflowing or forces became NaN")
+        def regrow(new_state: Any, failed: Any, finite: bool, start: Any = state) -> Any:
+            grown = fns.grow(failed, new_state.position if finite else start.position, tight=not finite)
+            return fns.refit(grown, start.position)
+
+        def block(nbr: Any, start: Any = state, n: int = n) -> tuple[Any, Any]:
+            return run_block(start, nbr, jnp.asarray(n, jnp.int32))
+
+        state, nbr = run_with_regrowth(block, nbr, regrow, "FIRE block")
         steps += n
     energy, forces, stress = system.energy_forces_stress(state.position, nbr)
     rot = system.rotation
@@ -143,11 +141,10 @@ def relax_structures(structures: Sequence[Atoms], potential: Any, fmax: float = 
     rather than stopping the batch; bad input (an unknown element) still raises first.
     """
     from ..calculator import GeoditeCalculator
-    from .jaxmd import check_elements
 
     for i, atoms in enumerate(structures):
         try:
-            check_elements(atoms, potential)
+            potential.check_atoms(atoms)
         except ValueError as err:
             raise ValueError(f"structure {i}: {err}") from None
     calc = GeoditeCalculator(potential, dtype=dtype)

@@ -17,9 +17,8 @@ import numpy as np
 from ase import units
 from jax_md import simulate
 
-from .jaxmd import GeoditeNeighborList, JaxMDSystem
-
-MAX_REDO = 8
+from .jaxmd import JaxMDSystem
+from .neighbors import GeoditeNeighborList, run_with_regrowth
 
 
 @pydc.dataclass
@@ -98,10 +97,11 @@ class ReplicaRunner:
         if like is None:
             like = max(lists, key=lambda nb: (int(nb.skin.max_occupancy), nb.capacity))
             like = like.set(capacity=max(nb.capacity for nb in lists))
-        skins = [system.neighbor_fn.update(R, like.skin) for R in positions]
-        counts = [like.count_fn(R, s.idx, **system.pair_extra(s)) for R, s in zip(positions, skins, strict=True)]
-        return _stack([like.set(skin=s, tight_count=c.astype(like.tight_count.dtype))
-                       for s, c in zip(skins, counts, strict=True)])
+        fns = system.neighbor_fn
+        refits = [fns.refit(like, R) for R in positions]
+        counts = [like.count_fn(R, nb.idx, **fns.pair_extra(nb.skin)).astype(like.tight_count.dtype)
+                  for R, nb in zip(positions, refits, strict=True)]
+        return _stack([nb.set(tight_count=c) for nb, c in zip(refits, counts, strict=True)])
 
     def init(self, positions: jnp.ndarray, temperatures_K: np.ndarray | float, seed: int = 0,
              momenta: np.ndarray | None = None) -> tuple[Any, Any]:
@@ -123,16 +123,14 @@ class ReplicaRunner:
         while done < steps:
             n = min(block, steps - done)
             t0 = time.perf_counter()
-            for _ in range(MAX_REDO):
-                new_state, new_nbr = self._block(state, nbr, kT, jnp.asarray(n, jnp.int32))
-                jax.block_until_ready(new_state)
-                bad = (np.asarray(new_nbr.did_buffer_overflow).any() or np.asarray(new_nbr.tight_overflow).any()
-                       or not np.all(np.isfinite(np.asarray(new_state.position))))
-                if not bad:
-                    break
-                nbr = self._regrow(state, new_nbr)
-            else:
-                raise RuntimeError("replica block did not finish: neighbour lists kept overflowing or NaN")
+
+            def block_fn(nbr: GeoditeNeighborList, start: Any = state, n: int = n) -> tuple[Any, Any]:
+                return jax.block_until_ready(self._block(start, nbr, kT, jnp.asarray(n, jnp.int32)))
+
+            def regrow(_: Any, failed: GeoditeNeighborList, finite: bool, start: Any = state) -> GeoditeNeighborList:
+                return self._regrow(start, failed)
+
+            new_state, new_nbr = run_with_regrowth(block_fn, nbr, regrow, "replica block")
             if done > 0:  # the first block includes compilation
                 wall += time.perf_counter() - t0
                 timed_steps += n
@@ -146,6 +144,6 @@ class ReplicaRunner:
         positions = state.position
         worst = int(np.argmax(np.asarray(failed.skin.error.code)))
         one = jax.tree_util.tree_map(lambda x: x[worst], failed)
-        grown = system.grow(one, positions[worst], tight=True)
+        grown = system.neighbor_fn.grow(one, positions[worst], tight=True)
         grown = grown.set(capacity=max(grown.capacity, int(np.asarray(failed.tight_count).max()) + 1))
         return self.neighbors(positions, like=grown)
