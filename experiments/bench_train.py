@@ -75,27 +75,18 @@ def main() -> None:
     os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads=2")
 
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     import geodite_jax
     from geodite_jax.data import GraphDataset, budget_for, iterate_batches
-    from geodite_jax.training import TrainConfig
-    from geodite_jax.training.optim import make_optimizer
-    from geodite_jax.training.trainer import (
-        initial_potential,
-        label_statistics,
-        loss_norms,
-        make_mesh,
-        make_train_step,
-        put_batch,
-        replicate,
-    )
+    from geodite_jax.precision import resolve_dtype
+    from geodite_jax.training import TrainConfig, build_train_step
+    from geodite_jax.training.datasets import label_statistics
+    from geodite_jax.training.initial import initial_potential, loss_norms
+    from geodite_jax.training.sharding import make_mesh, put_batch, replicate
 
-    if args.dtype == "float64":
-        jax.config.update("jax_enable_x64", True)
-    dtype = jnp.float64 if args.dtype == "float64" else jnp.float32
     cfg = TrainConfig(preset=args.preset, batch_size=args.batch_size, dtype=args.dtype)
+    dtype = resolve_dtype(cfg.dtype)  # float64 switches JAX to 64-bit mode before anything is built
     model_config = cfg.model_config()
     t0 = time.perf_counter()
     ds = GraphDataset.from_frames(mptrj_like_frames(args.frames, 0), model_config.cutoff)
@@ -105,14 +96,7 @@ def main() -> None:
     mesh = make_mesh()
     devices = int(mesh.devices.size)
     budget = budget_for(ds, args.batch_size)
-    opt, _ = make_optimizer(cfg, 100_000)
-    step = make_train_step(model_config, opt, loss_norms(pot, stats), cfg, mesh)
-    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), pot.params)
-    from geodite_jax.training.trainer import TrainState
-
-    state = replicate(TrainState(jnp.zeros((), jnp.int32), params, jax.tree_util.tree_map(jnp.copy, params),
-                                 opt.init(params)), mesh)
-    consts = replicate(pot.state(dtype).replace(params=None), mesh)
+    step, state, consts = build_train_step(pot, cfg, mesh, loss_norms(pot, stats), total_steps=100_000)
     key = replicate(jax.random.PRNGKey(0), mesh)
     batches = [put_batch(b, mesh, dtype) for _, b in zip(range(args.steps + 1), iterate_batches(
         ds, None, budget, shuffle=True, seed=0, epoch=0, num_shards=devices), strict=False)]

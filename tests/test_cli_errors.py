@@ -107,7 +107,7 @@ def test_truncated_extxyz_in_train_and_eval_names_file_and_frame(tiny, tmp_path,
     from ase.io import write
 
     from geodite_jax.training import TrainConfig
-    from geodite_jax.training.trainer import open_dataset
+    from geodite_jax.training.datasets import open_dataset
 
     frames = []
     for k in range(3):

@@ -23,15 +23,11 @@ import geodite_jax as gd
 from geodite_jax.cli import main as cli_main
 from geodite_jax.data import GraphDataset, generate_emt_frames
 from geodite_jax.training import DEMO_RECIPE, TrainConfig, Trainer, train
+from geodite_jax.training.datasets import check_labels, label_statistics, open_dataset
+from geodite_jax.training.initial import initial_potential
 from geodite_jax.training.loss import penalty
 from geodite_jax.training.optim import learning_rate_schedule, zclip
-from geodite_jax.training.trainer import (
-    check_labels,
-    initial_potential,
-    label_statistics,
-    open_dataset,
-    prepare_run_directory,
-)
+from geodite_jax.training.rundir import prepare_run_directory
 
 ROOT = Path(__file__).resolve().parents[1]
 # A small model and data set: every run below shares one compiled step (same trajectory-defining options).
@@ -198,9 +194,10 @@ _TWO_DEVICES = textwrap.dedent("""
     assert jax.device_count() == 2, jax.devices()
     from geodite_jax.data import GraphDataset, budget_for, generate_emt_frames, iterate_batches
     from geodite_jax.training import TrainConfig
-    from geodite_jax.training.trainer import (TrainState, initial_potential, label_statistics, loss_norms,
-                                              make_mesh, make_train_step, put_batch, replicate)
-    from geodite_jax.training.optim import make_optimizer
+    from geodite_jax.training.datasets import label_statistics
+    from geodite_jax.training.initial import initial_potential, loss_norms
+    from geodite_jax.training.sharding import make_mesh, put_batch, replicate
+    from geodite_jax.training.step import build_train_step
     cfg = TrainConfig(model={"num_layers": 1, "num_features": 16, "attention_dropout": 0.1}, dtype="float64",
                       warmup_steps=2, lr=1e-2)
     mc = cfg.model_config()
@@ -212,12 +209,7 @@ _TWO_DEVICES = textwrap.dedent("""
     results = []
     for devices in (jax.devices()[:1], jax.devices()):
         mesh = make_mesh(devices)
-        opt, _ = make_optimizer(cfg, 100)
-        step = make_train_step(mc, opt, loss_norms(pot, stats), cfg, mesh)
-        params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), pot.params)
-        state = replicate(TrainState(jnp.zeros((), jnp.int32), params, jax.tree_util.tree_map(jnp.copy, params),
-                                     opt.init(params)), mesh)
-        consts = replicate(pot.state(jnp.float64).replace(params=None), mesh)
+        step, state, consts = build_train_step(pot, cfg, mesh, loss_norms(pot, stats), total_steps=100)
         key = replicate(jax.random.PRNGKey(0), mesh)
         for _ in range(2):
             state, metrics = step(state, put_batch(batch, mesh, jnp.float64), consts, key)

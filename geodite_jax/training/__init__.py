@@ -1,7 +1,10 @@
-"""Training: recipe (:class:`TrainConfig`), losses, optimiser, data-parallel trainer, checkpoints, evaluation."""
+"""Training: recipe (:class:`TrainConfig`), data (:mod:`.datasets`), the starting potential (:mod:`.initial`),
+losses, optimiser, the data-parallel step (:mod:`.step`, :mod:`.sharding`), the :class:`Trainer` loop, checkpoints,
+evaluation."""
 
 from .checkpoint import atomic_directory, load_checkpoint, save_checkpoint
 from .config import TrainConfig
+from .datasets import load_datasets
 from .evaluation import (
     Predictions,
     baseline_predictions,
@@ -11,7 +14,8 @@ from .evaluation import (
     predict_potential,
 )
 from .loss import LossNorms
-from .trainer import Trainer, TrainResult, TrainState, load_datasets, make_train_step, train
+from .step import TrainState, build_train_step, make_train_step
+from .trainer import Trainer, TrainResult, train
 
 # The README's main job (`geodite train` without --config): a small Geodite on the generated EMT set,
 # about eight minutes on 2 CPU cores. configs/emt-demo.yaml holds the same recipe (a test checks they agree).
@@ -26,6 +30,7 @@ DEMO_RECIPE: dict = {
 
 __all__ = [
     "DEMO_RECIPE", "LossNorms", "Predictions", "TrainConfig", "TrainResult", "TrainState", "Trainer",
-    "atomic_directory", "baseline_predictions", "error_metrics", "format_error_table", "load_checkpoint",
-    "load_datasets", "make_train_step", "predict_dataset", "predict_potential", "save_checkpoint", "train",
+    "atomic_directory", "baseline_predictions", "build_train_step", "error_metrics", "format_error_table",
+    "load_checkpoint", "load_datasets", "make_train_step", "predict_dataset", "predict_potential", "save_checkpoint",
+    "train",
 ]

@@ -12,6 +12,10 @@ from ..precision import DTYPE_NAMES
 _LOSSES = ("huber", "mse", "mae")
 _SCHEDULES = ("linear", "cosine", "constant")
 
+#: Options that may change between an interrupted run and its resumption (they do not alter the trajectory).
+RESUMABLE_OPTIONS = frozenset({"epochs", "max_steps", "max_minutes", "progress", "checkpoint_every_steps",
+                               "checkpoint_every_minutes", "valid_every_epochs", "out", "cache_dir"})
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -116,6 +120,10 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def trajectory_options(self) -> dict[str, Any]:
+        """The options that define the trajectory of a run: all but :data:`RESUMABLE_OPTIONS`."""
+        return {k: v for k, v in self.to_dict().items() if k not in RESUMABLE_OPTIONS}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
