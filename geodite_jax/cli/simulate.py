@@ -35,6 +35,10 @@ def _md(args: argparse.Namespace) -> int:
 
 
 def _run_md(args: argparse.Namespace) -> int:
+    if args.devices is not None:  # one run over several JAX devices (lammps-jax spatial decomposition)
+        from ..simulation.distributed import run_md_cli
+
+        return run_md_cli(args, _load)
     from ..simulation import MDRunner, MDSettings, jaxmd_system
 
     if args.steps < 0:
@@ -120,6 +124,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     md.add_argument("--checkpoint", default=None, help="write an .npz checkpoint after every block")
     md.add_argument("--resume", action="store_true", help="continue from --checkpoint, appending to the outputs")
     md.add_argument("--quiet", action="store_true", help="no progress bar or per-block lines")
+    md.add_argument("--devices", type=int, default=None, metavar="N",
+                    help="spread one NVE run over N JAX devices (lammps-jax grid decomposition; on a CPU set "
+                         "XLA_FLAGS=--xla_force_host_platform_device_count=N)")
     md.set_defaults(func=_md)
 
     rx = sub.add_parser("relax", help="relax positions (and with --cell the cell) with FIRE")

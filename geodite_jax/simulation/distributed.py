@@ -459,4 +459,57 @@ def run_distributed_nve(potential: Potential, atoms: Atoms, steps: int, dt_fs: f
     return md.to_atoms(state), record
 
 
-__all__ = ["Capacities", "DistributedMD", "DistributedState", "run_distributed_nve"]
+def run_md_cli(args: Any, load: Callable[[Any], tuple[Potential, Atoms]]) -> int:
+    """``geodite md --devices N``: NVE over N devices, with ``geodite md``'s trajectory, log and report.
+
+    The device count, the ensemble and the options this path lacks are checked before the model is loaded;
+    ``load(args)`` gives (potential, atoms) as the single-device path does.
+    """
+    _check_devices(args.devices)
+    if args.ensemble != "nve":
+        raise ValueError(f"--devices runs NVE only (velocity Verlet over lammps-jax's spatial decomposition); "
+                         f"got --ensemble {args.ensemble}: add --ensemble nve, or drop --devices")
+    for flag, value in (("--pressure", args.pressure), ("--checkpoint", args.checkpoint)):
+        if value is not None:
+            raise ValueError(f"{flag} is not available with --devices")
+    if args.resume:
+        raise ValueError("--resume is not available with --devices")
+    if args.steps < 0:
+        raise ValueError(f"--steps must be >= 0, got {args.steps}")
+    if args.traj_every < 1:
+        raise ValueError(f"--traj-every must be >= 1, got {args.traj_every}")
+    from .io import CSVLog, TrajectoryWriter
+
+    potential, atoms = load(args)
+    md = DistributedMD(potential, atoms, args.devices, dtype=args.dtype, timestep_fs=args.timestep_fs,
+                       skin=args.skin)
+    print(f"NVE MD of {len(atoms)} atoms ({atoms.get_chemical_formula()}) over {md.devices} devices "
+          f"(lammps-jax grid {'x'.join(map(str, md.grid))}), {args.steps} steps of {args.timestep_fs} fs from "
+          f"{args.temperature} K, {md.dtype.__name__}, skin {md.skin} Å")
+    state = md.init(temperature_K=args.temperature, seed=args.seed)
+    traj = TrajectoryWriter(args.output)
+    log = CSVLog(args.log) if args.log else None
+    try:
+        while True:
+            rec = md.observe(state)
+            atoms_now = md.to_atoms(state)
+            atoms_now.info.update(step=rec["step"], time_fs=rec["time_fs"], temperature_K=rec["temperature_K"])
+            traj.write(atoms_now)
+            if log is not None:
+                log.write(rec)
+            if not args.quiet:
+                print(f"step {rec['step']:>8d}  T {rec['temperature_K']:8.1f} K  Epot {rec['potential_eV']:14.6f}  "
+                      f"Etot {rec['total_eV']:14.6f} eV  migrated {rec['migrated']}  rebuilds {rec['rebuilds']}")
+            if state.step >= args.steps:
+                break
+            state = md.advance(state, min(args.traj_every, args.steps - state.step))
+    finally:
+        traj.close()
+        if log is not None:
+            log.close()
+    print(f"wrote {args.output}" + (f" and {args.log}" if args.log else "") + " (pressure is not computed with "
+          "--devices: NaN in the log)")
+    return 0
+
+
+__all__ = ["Capacities", "DistributedMD", "DistributedState", "run_distributed_nve", "run_md_cli"]
