@@ -17,9 +17,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
 from .config import GeoditeConfig
+from .edges import Edges, chunk_nodes, default_chunk_edges
 from .elements import COVALENT_RADII
 from .priors import ZBL_CODE, ZBL_UNIVERSAL, soft_neighbour_terms, zbl_pair_energy
 from .radial import bessel_basis, distance_weighting, polynomial_envelope
@@ -31,116 +31,6 @@ xavier = nn.initializers.xavier_uniform(dtype=jnp.float32)
 # implementation holds them in a float32 buffer, so converted checkpoints reproduce it exactly.
 _INV_3 = float(np.float32(1.0 / 3.0))
 _INV_5 = float(np.float32(1.0 / 5.0))
-#: Bytes of one chunk's steerable message block [C·M, 8, F]: small enough to stay in cache, large enough that
-#: the per-chunk loop overhead is negligible. 6 MiB is 1,024 edge slots for Geodite-MP in float32 (see
-#: README, Benchmarks); small models get proportionally larger chunks, so small systems run in one pass.
-DEFAULT_CHUNK_BYTES = 6 * 2**20
-
-
-def default_chunk_edges(num_features: int, dtype: Any) -> int:
-    """Edge slots per chunk for :data:`DEFAULT_CHUNK_BYTES`: ``budget / (8 F · itemsize)``."""
-    return max(64, DEFAULT_CHUNK_BYTES // (8 * num_features * jnp.dtype(dtype).itemsize))
-
-
-@struct.dataclass
-class Edges:
-    """Edge indexing: sparse (any order) or neighbour blocks (every node owns ``block`` consecutive edges).
-
-    In the block layout edge ``e`` has receiver ``e // block``: sums over a node's edges are reshape-sums
-    and receiver gathers are broadcasts, which XLA fuses with their producers and consumers instead of
-    materialising ``[E, 8, F]`` message arrays. Both layouts give the same numbers.
-    """
-
-    senders: jnp.ndarray  # [E]
-    receivers: jnp.ndarray  # [E]
-    num_nodes: int = struct.field(pytree_node=False)
-    block: int | None = struct.field(pytree_node=False, default=None)
-    sorted_receivers: bool = struct.field(pytree_node=False, default=False)
-    chunk: int | None = struct.field(pytree_node=False, default=None)
-    #: Distributed runs: ``exchange(x [N, ...]) -> x`` with ghost rows replaced by their owners' rows (see
-    #: :meth:`Geodite.__call__`); None on one domain.
-    exchange: Callable[[jnp.ndarray], jnp.ndarray] | None = struct.field(pytree_node=False, default=None)
-
-    def sync(self, data: jnp.ndarray) -> jnp.ndarray:
-        """Node data ``[N, ...]`` whose ghost rows hold their owners' values (unchanged without ghosts)."""
-        return data if self.exchange is None else self.exchange(data)
-
-    def aggregate(self, data: jnp.ndarray) -> jnp.ndarray:
-        """Σ over each node's incoming edges: ``[E, ...] -> [N, ...]``."""
-        if self.block:
-            return data.reshape(self.num_nodes, self.block, *data.shape[1:]).sum(1)
-        return jax.ops.segment_sum(data, self.receivers, self.num_nodes, indices_are_sorted=self.sorted_receivers)
-
-    def at_receivers(self, data: jnp.ndarray) -> jnp.ndarray:
-        """Node data on each edge's receiver: ``[N, ...] -> [E, ...]``."""
-        if self.block:
-            shape = (self.num_nodes, self.block, *data.shape[1:])
-            return jnp.broadcast_to(data[:, None], shape).reshape(self.num_nodes * self.block, *data.shape[1:])
-        return data[self.receivers]
-
-    def at_senders(self, data: jnp.ndarray) -> jnp.ndarray:
-        """Node data on each edge's sender: ``[N, ...] -> [E, ...]``."""
-        return data[self.senders]
-
-    def map_chunks(self, fn: Callable[..., tuple[jnp.ndarray, ...]], node_local: tuple[jnp.ndarray, ...],
-                   edge_local: tuple[jnp.ndarray, ...]) -> tuple[jnp.ndarray, ...]:
-        """``fn(edges_c, *node_local_c, *edge_local_c)`` over chunks of receiver nodes, outputs concatenated.
-
-        ``node_local`` arrays ``[N, ...]`` and ``edge_local`` arrays ``[E, ...]`` are sliced per chunk (the
-        chunk's receivers and their edges); anything else ``fn`` needs (node arrays gathered at senders,
-        weights) it closes over whole. Each output is per receiver (``[C, ...]`` per chunk -> ``[N, ...]``) or
-        per edge (``[C·M, ...]`` -> ``[E, ...]``). Without chunks (:attr:`chunk` None) ``fn`` runs once on the
-        whole graph.
-
-        Each chunk is a ``jax.checkpoint``: the backward pass recomputes the chunk's edge intermediates
-        instead of keeping them, so no ``[E, 8, F]`` array ever exists whole, and the working set of one
-        chunk stays in cache. The numbers do not depend on the chunk size (sums run within a node's block).
-        """
-        with jax.named_scope(fn.__name__):  # names the block in profiles (experiments/profile_eval.py)
-            return self._map_chunks(fn, node_local, edge_local)
-
-    def _map_chunks(self, fn: Callable[..., tuple[jnp.ndarray, ...]], node_local: tuple[jnp.ndarray, ...],
-                    edge_local: tuple[jnp.ndarray, ...]) -> tuple[jnp.ndarray, ...]:
-        chunk = self.chunk
-        if chunk is None:
-            return fn(self, *node_local, *edge_local)
-        n, m = self.num_nodes, self.block
-        if n % chunk:
-            raise ValueError(f"{n} nodes do not split into chunks of {chunk}: pad the graph (see chunk_nodes)")
-        n_chunks = n // chunk
-
-        def split(x: jnp.ndarray, rows: int) -> jnp.ndarray:  # a reshape: no copy
-            return x.reshape(n_chunks, rows, *x.shape[1:])
-
-        xs = (split(self.senders, chunk * m), tuple(split(x, chunk) for x in node_local),
-              tuple(split(x, chunk * m) for x in edge_local))
-
-        @jax.checkpoint
-        def body(args: tuple) -> tuple[jnp.ndarray, ...]:
-            senders, nodes, edges = args
-            return fn(Edges(senders, None, chunk, m, True), *nodes, *edges)
-
-        outs = jax.lax.map(body, xs)
-        return tuple(o.reshape(-1, *o.shape[2:]) for o in outs)
-
-
-def chunk_nodes(num_nodes: int, block: int | None, chunk_edges: int | None) -> int | None:
-    """Receiver nodes per chunk for a budget of ``chunk_edges`` edge slots, or None (one pass).
-
-    Only the neighbour-block layout is chunked (a chunk of C nodes owns exactly C·M consecutive edges).
-    Chunks are balanced; :class:`Geodite` pads the node count to a multiple of C once, at its entry.
-    """
-    if not block or not chunk_edges or num_nodes * block <= chunk_edges:
-        return None
-    target = max(1, chunk_edges // block)
-    n_chunks = -(-num_nodes // target)
-    size = -(-num_nodes // n_chunks)
-    for c in range(size, max(1, (3 * size) // 4) - 1, -1):  # a nearby divisor of N needs no padding at all
-        if num_nodes % c == 0:
-            return c
-    return size
-
-
 class EdgeGeometry(nn.Module):
     """Edge harmonics and radial embedding φ = Bessel(r) · s(r/ρ0) · u_p(r/r_c)."""
 

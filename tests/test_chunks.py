@@ -11,7 +11,7 @@ import pytest
 from ase.build import bulk
 
 import geodite_jax as gd
-from geodite_jax.model import chunk_nodes
+from geodite_jax.edges import chunk_nodes
 
 
 @pytest.fixture(scope="module")

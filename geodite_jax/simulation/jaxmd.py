@@ -235,7 +235,7 @@ class JaxMDSystem:
 
     def allocate(self, R: jnp.ndarray, box: jnp.ndarray | None = None, capacity: int | None = None,
                  extra_capacity: int = 0) -> GeoditeNeighborList:
-        """A fresh neighbour list at ``R`` (see :meth:`GeoditeNeighborFns.allocate`)."""
+        """A fresh neighbour list at ``R [n_atoms, 3]`` (see :meth:`GeoditeNeighborFns.allocate`)."""
         return self.neighbor_fn.allocate(R, box, capacity, extra_capacity)
 
     # ------------------------------------------------------------------------------------ observables
@@ -257,7 +257,8 @@ class JaxMDSystem:
 
     def to_atoms(self, R: jnp.ndarray, box: jnp.ndarray | None = None, momenta: jnp.ndarray | None = None
                  ) -> Atoms:
-        """An ASE ``Atoms`` in the input's frame (positions, cell, momenta)."""
+        """An ASE ``Atoms`` in the input's frame from ``R [n_atoms, 3]``, ``box [3, 3]`` and
+        ``momenta [n_atoms, 3]``."""
         atoms = Atoms(numbers=self.species, positions=self.cartesian(R, box), pbc=self.pbc)
         if self.pbc:
             box = np.asarray(self.box if box is None else box, np.float64)

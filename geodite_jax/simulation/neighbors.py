@@ -39,7 +39,8 @@ def perpendicular_widths(cell: np.ndarray) -> np.ndarray:
 
 
 def minimum_image_repeat(cell: np.ndarray, radius: float) -> tuple[int, int, int]:
-    """Smallest ``(n1, n2, n3)`` supercell whose perpendicular widths all exceed ``2 · radius``."""
+    """Smallest ``(n1, n2, n3)`` supercell of ``cell [3, 3]`` (rows = lattice vectors) whose perpendicular widths
+    all exceed ``2 · radius``."""
     widths = perpendicular_widths(cell)
     return tuple(int(np.floor(2.0 * radius / w)) + 1 for w in widths)  # type: ignore[return-value]
 
@@ -83,7 +84,8 @@ class GeoditeNeighborList:
         return self.skin.reference_position
 
     def update(self, position: jnp.ndarray, **kwargs: Any) -> GeoditeNeighborList:
-        """Update the skin list at ``position`` (``box=`` for a changed box) and record the tight occupancy."""
+        """Update the skin list at ``position [n_atoms, 3]`` (``box=`` for a changed box) and record the tight
+        occupancy."""
         skin = self.skin.update(position, **kwargs)
         extra = {} if getattr(skin, "shifts", None) is None else {"shifts": skin.shifts,
                                                                    "reference": skin.reference_position}
@@ -232,7 +234,8 @@ class GeoditeNeighborFns:
 
     def allocate(self, R: jnp.ndarray, box: jnp.ndarray | None = None, capacity: int | None = None,
                  extra_capacity: int = 0) -> GeoditeNeighborList:
-        """A fresh neighbour list at ``R`` (and ``box`` if it changed), tight capacity from its occupancy.
+        """A fresh neighbour list at ``R [n_atoms, 3]`` (and ``box [3, 3]`` if it changed), tight capacity from its
+        occupancy.
 
         Applies the jax-md workaround of stack_notes §1.2 #3: ``cell_size`` made a Python float, otherwise a
         second structure or box in the same process fails inside ``canonicalize_force``.
@@ -254,9 +257,9 @@ class GeoditeNeighborFns:
 
     def grow(self, nbr: GeoditeNeighborList, R: jnp.ndarray, box: jnp.ndarray | None = None, tight: bool = False
              ) -> GeoditeNeighborList:
-        """A larger list after an overflow of ``nbr``: skin capacity from the occupancy at ``R`` (at least a
-        quarter more if the skin list overflowed), tight capacity a quarter more if ``tight`` or the tight
-        list overflowed."""
+        """A larger list after an overflow of ``nbr``: skin capacity from the occupancy at ``R [n_atoms, 3]``
+        (at least a quarter more if the skin list overflowed), tight capacity a quarter more if ``tight`` or
+        the tight list overflowed."""
         new = self.allocate(R, box)
         old = int(nbr.skin.max_occupancy)
         if bool(nbr.skin_overflow) and int(new.skin.max_occupancy) <= old:
@@ -269,17 +272,19 @@ class GeoditeNeighborFns:
 
 
     def update(self, R: jnp.ndarray, neighbor: GeoditeNeighborList, **kwargs: Any) -> GeoditeNeighborList:
-        """jax-md's ``update``: the list at ``R`` (``box=`` for a changed box), tight occupancy recorded."""
+        """jax-md's ``update``: the list at ``R [n_atoms, 3]`` (``box=`` for a changed box), tight occupancy
+        recorded."""
         return neighbor.update(R, **kwargs)
 
     def refit(self, like: GeoditeNeighborList, R: jnp.ndarray, **kwargs: Any) -> GeoditeNeighborList:
-        """A list with the capacities of ``like``, rebuilt at ``R`` (``box=``): the start of a redone block."""
+        """A list with the capacities of ``like``, rebuilt at ``R [n_atoms, 3]`` (``box=``): the start of a redone
+        block."""
         return like.set(skin=self.skin_fns.update(R, like.skin, **kwargs))
 
 
 def make_skin_list(displacement_fn: Callable, box: jnp.ndarray | None, cutoff: float, skin: float,
                    capacity_multiplier: float, neighbor_format: str, multi_image: bool) -> Any:
-    """jax-md's skin-list functions (pairs within ``cutoff + skin``) for a periodic box in fractional
+    """jax-md's skin-list functions (pairs within ``cutoff + skin``) for a periodic ``box [3, 3]`` in fractional
     coordinates (cell list, or the multi-image list) or for free space (``box=None``)."""
     fmt = NEIGHBOR_FORMATS[neighbor_format]
     if box is None:

@@ -91,7 +91,8 @@ class ReplicaRunner:
         self._block = jax.jit(jax.vmap(block_one, in_axes=(0, 0, 0, None)))
 
     def neighbors(self, positions: jnp.ndarray, like: GeoditeNeighborList | None = None) -> GeoditeNeighborList:
-        """Batched lists with common capacities: the largest any replica needs (or those of ``like``)."""
+        """Batched lists for ``positions [B, n_atoms, 3]`` with common capacities: the largest any replica needs
+        (or those of ``like``)."""
         system = self.system
         lists = [system.allocate(R, system.box) for R in positions] if like is None else []
         if like is None:
@@ -116,7 +117,8 @@ class ReplicaRunner:
 
     def run(self, state: Any, nbr: GeoditeNeighborList, temperatures_K: np.ndarray | float, steps: int,
             block: int = 50) -> ReplicaRun:
-        """Advance every replica by ``steps``; the first block is run (and compiled) before timing starts."""
+        """Advance every replica (batched ``state``, ``nbr`` of :meth:`init`; ``temperatures_K`` a number or
+        ``[B]``) by ``steps``; the first block is run (and compiled) before timing starts."""
         n_rep = jax.tree_util.tree_leaves(state)[0].shape[0]
         kT = jnp.broadcast_to(jnp.asarray(temperatures_K, self.system.dtype) * units.kB, (n_rep,))
         done, wall, timed_steps = 0, 0.0, 0
