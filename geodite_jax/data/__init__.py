@@ -17,20 +17,14 @@ from .batching import (
 )
 from .emt import generate_emt_frames
 from .frames import Frame
-from .readers import (
-    FORMATS,
-    detect_format,
-    kbar_to_ase_stress,
-    mlearn_voigt_to_3x3,
-    read_frames,
-    split_frames,
-    split_indices,
-    structure_from_pymatgen,
-)
-from .store import DatasetStats, GraphDataset, compute_stats, fit_element_energies, preprocess
+from .pymatgen_json import kbar_to_ase_stress, mlearn_voigt_to_3x3, structure_from_pymatgen
+from .readers import FILE_FORMATS, detect_format, read_frames
+from .splits import split_frames, split_indices
+from .stats import DatasetStats, compute_stats, fit_element_energies
+from .store import GraphDataset, preprocess
 
 __all__ = [
-    "FORMATS", "Batch", "BatchBudget", "DatasetStats", "Frame", "GraphDataset", "budget_for", "collate",
+    "FILE_FORMATS", "Batch", "BatchBudget", "DatasetStats", "Frame", "GraphDataset", "budget_for", "collate",
     "compute_stats", "detect_format", "fit_element_energies", "generate_emt_frames", "iterate_batches",
     "kbar_to_ase_stress", "mlearn_voigt_to_3x3", "num_batches", "plan_batches", "prefetch", "preprocess",
     "read_frames", "split_frames", "split_indices", "stack_batches", "structure_from_pymatgen",

@@ -2,7 +2,7 @@
 
 Units: Å, eV, eV/Å, eV/Å³. Stress uses ASE's sign convention, σ = (1/V) ∂E/∂ε: positive = tensile, a
 compressed cell has a negative diagonal (VASP/pymatgen kBar values have the opposite sign; convert them with
-:func:`geodite_jax.data.readers.kbar_to_ase_stress`).
+:func:`geodite_jax.data.pymatgen_json.kbar_to_ase_stress`).
 """
 
 from __future__ import annotations

@@ -20,19 +20,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import jraph
 import numpy as np
-from ase import Atoms
-from ase.data import chemical_symbols
 
 from ..elements import MAX_Z
 from ..files import atomic_directory
-from ..graph import atoms_to_graph
 from .frames import Frame
+from .shards import build_shard, with_graphs
+from .stats import DatasetStats, compute_stats
 
 FORMAT_VERSION = 1
 META_FILE = "dataset.json"
@@ -41,47 +40,6 @@ _PER_FRAME = ("atom_offsets", "edge_offsets", "cell", "pbc", "energy", "stress",
 _PER_ATOM = ("numbers", "positions", "forces")
 _PER_EDGE = ("senders", "receivers", "shifts")
 _ARRAYS = _PER_FRAME + _PER_ATOM + _PER_EDGE
-
-
-@dataclasses.dataclass
-class DatasetStats:
-    """Size and label statistics of a dataset (JSON-able via :meth:`to_dict`).
-
-    ``energy_per_atom_mean/std`` are of ``(E − Σ_i E0(Z_i)) / n_atoms`` with the least-squares
-    ``element_energies`` of the same data; ``force_rms`` is over all force components (eV/Å), the usual
-    energy scale of a potential; ``mean_neighbours`` = directed edges per atom at ``cutoff``.
-    """
-
-    n_frames: int
-    n_atoms: int
-    n_edges: int
-    cutoff: float
-    max_atoms: int
-    max_edges: int
-    frames_with_energy: int
-    frames_with_forces: int
-    frames_with_stress: int
-    elements: list[int]
-    element_counts: dict[str, int]
-    element_energies: dict[str, float]
-    force_rms: float
-    mean_neighbours: float
-    energy_per_atom_mean: float
-    energy_per_atom_std: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DatasetStats:
-        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
-
-    def element_energy_array(self) -> np.ndarray:
-        """The fitted ``element_energies`` as an array indexed by atomic number, ``[119]`` (0 where absent)."""
-        e0 = np.zeros(MAX_Z + 1)
-        for symbol, value in self.element_energies.items():
-            e0[chemical_symbols.index(symbol)] = value
-        return e0
 
 
 class GraphDataset:
@@ -111,10 +69,10 @@ class GraphDataset:
     def from_frames(cls, frames: Iterable[Frame], cutoff: float, num_elements: int = 100,
                     on_error: str = "raise") -> GraphDataset:
         """In-memory dataset (small sets, tests, EMT): neighbour lists computed now."""
-        items = list(_with_graphs(frames, cutoff, num_elements, on_error))
+        items = list(with_graphs(frames, cutoff, num_elements, on_error))
         if not items:
             raise ValueError("no frames to build a dataset from")
-        shard = _build_shard(items)
+        shard = build_shard(items)
         n = len(items)
         return cls([shard], np.zeros(n, np.int32), np.arange(n), [f.group for f, _ in items],
                    [f.id for f, _ in items], cutoff, num_elements, source="memory")
@@ -244,12 +202,13 @@ class GraphDataset:
     def element_counts(self) -> np.ndarray:
         """``[F, 119]`` int32 atoms of each element per frame (memory F x 476 bytes: small sets only)."""
         out = np.zeros((len(self), MAX_Z + 1), np.int32)
-        for block in self._blocks():
+        for block in self.blocks():
             out[block.rows] = block.counts
         return out
 
-    def _blocks(self) -> Iterator[_Block]:
-        """Per shard: this view's frames in that shard with their per-element counts and labels."""
+    def blocks(self) -> Iterator[Block]:
+        """Per shard: this view's frames in that shard with their per-element counts and labels (one pass over
+        the data for statistics and least-squares fits)."""
         for s, shard in enumerate(self._shards):
             rows = np.flatnonzero(self._shard_of == s)
             if rows.size == 0:
@@ -261,11 +220,13 @@ class GraphDataset:
             frame_of_atom = np.repeat(np.arange(len(loc)), lens)
             numbers = np.asarray(shard["numbers"][atoms], np.int64)
             counts = np.bincount(frame_of_atom * (MAX_Z + 1) + numbers, minlength=len(loc) * (MAX_Z + 1))
-            yield _Block(shard, rows, loc, atoms, frame_of_atom, counts.reshape(len(loc), MAX_Z + 1))
+            yield Block(shard, rows, loc, atoms, frame_of_atom, counts.reshape(len(loc), MAX_Z + 1))
 
 
 @dataclasses.dataclass
-class _Block:
+class Block:
+    """This view's frames in one shard with their element counts (:meth:`GraphDataset.blocks`)."""
+
     shard: dict[str, np.ndarray]
     rows: np.ndarray           # [k] positions in the view
     local: np.ndarray          # [k] frame indices in the shard
@@ -281,61 +242,6 @@ def _ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
         return np.zeros(0, np.int64)
     shift = np.repeat(np.asarray(starts, np.int64) - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens)
     return np.arange(total, dtype=np.int64) + shift
-
-
-def _with_graphs(frames: Iterable[Frame], cutoff: float, num_elements: int,
-                 on_error: str) -> Iterator[tuple[Frame, jraph.GraphsTuple]]:
-    """Pairs (frame, graph) with the package's own neighbour search; bad structures raise or are skipped."""
-    import logging
-
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    for k, frame in enumerate(frames):
-        atoms = Atoms(numbers=frame.numbers, positions=frame.positions, cell=frame.cell, pbc=frame.pbc)
-        try:
-            graph = atoms_to_graph(atoms, cutoff, num_elements, np.float64)
-        except ValueError as err:
-            message = f"frame {frame.id or k!r}: {err}"
-            if on_error == "raise":
-                raise ValueError(message) from err
-            logging.getLogger("geodite_jax.data").warning("skipping frame: %s", message)
-            continue
-        yield frame, graph
-
-
-def _smallest_int(values: np.ndarray) -> np.ndarray:
-    """Same integers in the smallest signed dtype that holds them (int8/int16/int32/int64)."""
-    values = np.asarray(values)
-    low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
-    for dtype in (np.int8, np.int16, np.int32, np.int64):
-        if np.iinfo(dtype).min <= low and high <= np.iinfo(dtype).max:
-            return values.astype(dtype)
-    raise ValueError("integers out of int64 range")
-
-
-def _build_shard(items: Sequence[tuple[Frame, jraph.GraphsTuple]]) -> dict[str, np.ndarray]:
-    """Arrays of one shard from (frame, graph) pairs."""
-    frames = [f for f, _ in items]
-    graphs = [g for _, g in items]
-    n_atoms = np.array([len(f) for f in frames], np.int64)
-    n_edges = np.array([len(g.senders) for g in graphs], np.int64)
-    return {
-        "numbers": np.concatenate([f.numbers for f in frames]).astype(np.uint8),
-        "positions": np.concatenate([f.positions for f in frames]),
-        "forces": np.concatenate([f.forces if f.forces is not None else np.zeros((len(f), 3)) for f in frames]),
-        "atom_offsets": np.concatenate([[0], np.cumsum(n_atoms)]).astype(np.int64),
-        "edge_offsets": np.concatenate([[0], np.cumsum(n_edges)]).astype(np.int64),
-        "cell": np.stack([f.cell for f in frames]),
-        "pbc": np.stack([f.pbc for f in frames]),
-        "energy": np.array([f.energy if f.energy is not None else 0.0 for f in frames]),
-        "stress": np.stack([f.stress if f.stress is not None else np.zeros((3, 3)) for f in frames]),
-        "has_energy": np.array([f.energy is not None for f in frames]),
-        "has_forces": np.array([f.forces is not None for f in frames]),
-        "has_stress": np.array([f.stress is not None for f in frames]),
-        "senders": _smallest_int(np.concatenate([g.senders for g in graphs])),
-        "receivers": _smallest_int(np.concatenate([g.receivers for g in graphs])),
-        "shifts": _smallest_int(np.rint(np.concatenate([g.edges["shifts"] for g in graphs])).reshape(-1, 3)),
-    }
 
 
 def preprocess(frames: Iterable[Frame], out_dir: str | Path, *, cutoff: float, num_elements: int = 100,
@@ -362,7 +268,7 @@ def preprocess(frames: Iterable[Frame], out_dir: str | Path, *, cutoff: float, n
 
             def flush() -> None:
                 name = f"shard_{len(shards):05d}"
-                arrays = _build_shard(buffer)
+                arrays = build_shard(buffer)
                 (tmp / name).mkdir()
                 for key, value in arrays.items():
                     np.save(tmp / name / f"{key}.npy", value)
@@ -370,7 +276,7 @@ def preprocess(frames: Iterable[Frame], out_dir: str | Path, *, cutoff: float, n
                                "n_edges": int(arrays["edge_offsets"][-1])})
                 buffer.clear()
 
-            for frame, graph in _with_graphs(frames, cutoff, num_elements, on_error):
+            for frame, graph in with_graphs(frames, cutoff, num_elements, on_error):
                 buffer.append((frame, graph))
                 groups.append(frame.group)
                 ids.append(frame.id)
@@ -403,85 +309,3 @@ def _progress_bar(enabled: bool) -> Any:
     except ImportError:  # tqdm is optional
         return None
     return tqdm(desc="preprocess", unit="frame")
-
-
-def fit_element_energies(data: GraphDataset | tuple[np.ndarray, np.ndarray], ridge: float = 1e-8,
-                         defaults: np.ndarray | None = None, fixed: Mapping[int, float] | None = None) -> np.ndarray:
-    """Per-element reference energies E0 ``[119]`` (eV) by least squares of total energies on element counts.
-
-    Minimises ``Σ_f (E_f − Σ_Z n_fZ E0_Z)² + ridge · |E0|²`` over the elements present; rank-deficient
-    systems (elements that only ever appear in a fixed ratio) get the minimum-norm solution. Elements
-    absent from the data get ``defaults[Z]`` (or 0).
-
-    Args:
-        data: a :class:`GraphDataset` (frames with an energy label) or ``(counts [F, 119], energies [F])``.
-        fixed: ``{Z: E0}`` kept as given; the other elements are fitted to what these leave unexplained
-            (fine-tuning a model on data with new elements).
-    """
-    gram = np.zeros((MAX_Z + 1, MAX_Z + 1))
-    rhs = np.zeros(MAX_Z + 1)
-    if isinstance(data, GraphDataset):
-        for block in data._blocks():
-            has = np.asarray(block.shard["has_energy"])[block.local]
-            counts = block.counts[has].astype(np.float64)
-            gram += counts.T @ counts
-            rhs += counts.T @ np.asarray(block.shard["energy"])[block.local][has]
-    else:
-        counts, energies = (np.asarray(x, dtype=np.float64) for x in data)
-        if counts.ndim != 2 or counts.shape[1] != MAX_Z + 1 or energies.shape != (counts.shape[0],):
-            raise ValueError(f"expected counts [F, {MAX_Z + 1}] and energies [F], got {counts.shape} and "
-                             f"{energies.shape}")
-        gram, rhs = counts.T @ counts, counts.T @ energies
-    e0 = np.zeros(MAX_Z + 1) if defaults is None else np.array(defaults, dtype=np.float64)
-    if e0.shape != (MAX_Z + 1,):
-        raise ValueError(f"defaults must have shape [{MAX_Z + 1}], got {list(e0.shape)}")
-    pinned = np.zeros(MAX_Z + 1, bool)
-    for z, value in (fixed or {}).items():
-        if not 1 <= int(z) <= MAX_Z:
-            raise ValueError(f"fixed element energies: atomic number {z} out of range 1..{MAX_Z}")
-        e0[int(z)], pinned[int(z)] = float(value), True
-    rhs = rhs - gram[:, pinned] @ e0[pinned]  # energy the fixed references leave unexplained
-    free = np.flatnonzero((np.diag(gram) > 0) & ~pinned)
-    if free.size == 0:
-        return e0
-    a = gram[np.ix_(free, free)] + ridge * np.eye(free.size)
-    w, v = np.linalg.eigh(a)
-    # Pseudo-inverse: directions the data do not determine (data eigenvalue ~ 0, only the ridge) get no weight;
-    # dividing by the ridge alone would amplify round-off into eV-size errors along them.
-    keep = w - ridge > w.max() * 1e-10
-    e0[free] = v[:, keep] @ ((v[:, keep].T @ rhs[free]) / w[keep])
-    return e0
-
-
-def compute_stats(ds: GraphDataset) -> DatasetStats:
-    """:class:`DatasetStats` of ``ds`` (one pass over its shards)."""
-    e0 = fit_element_energies(ds)
-    element_counts = np.zeros(MAX_Z + 1, np.int64)
-    force_sq, force_n, residuals = 0.0, 0, []
-    n_energy = n_forces = n_stress = 0
-    for block in ds._blocks():
-        shard, loc = block.shard, block.local
-        element_counts += block.counts.sum(0)
-        has_e = np.asarray(shard["has_energy"])[loc]
-        has_f = np.asarray(shard["has_forces"])[loc]
-        n_energy, n_forces = n_energy + int(has_e.sum()), n_forces + int(has_f.sum())
-        n_stress += int(np.asarray(shard["has_stress"])[loc].sum())
-        labelled = block.atoms[has_f[block.frame_of_atom]]
-        forces = np.asarray(shard["forces"][labelled])
-        force_sq, force_n = force_sq + float(np.sum(forces ** 2)), force_n + forces.size
-        n = block.counts.sum(1)
-        residuals.append(((np.asarray(shard["energy"])[loc] - block.counts @ e0) / np.maximum(n, 1))[has_e])
-    residuals = np.concatenate(residuals) if residuals else np.zeros(0)
-    present = np.flatnonzero(element_counts)
-    n_atoms, n_edges = int(ds.n_atoms.sum()), int(ds.n_edges.sum())
-    return DatasetStats(
-        n_frames=len(ds), n_atoms=n_atoms, n_edges=n_edges, cutoff=ds.cutoff,
-        max_atoms=int(ds.n_atoms.max()) if len(ds) else 0, max_edges=int(ds.n_edges.max()) if len(ds) else 0,
-        frames_with_energy=n_energy, frames_with_forces=n_forces, frames_with_stress=n_stress,
-        elements=[int(z) for z in present],
-        element_counts={chemical_symbols[z]: int(element_counts[z]) for z in present},
-        element_energies={chemical_symbols[z]: float(e0[z]) for z in present},
-        force_rms=float(np.sqrt(force_sq / force_n)) if force_n else 0.0,
-        mean_neighbours=n_edges / n_atoms if n_atoms else 0.0,
-        energy_per_atom_mean=float(residuals.mean()) if residuals.size else 0.0,
-        energy_per_atom_std=float(residuals.std()) if residuals.size else 0.0)
