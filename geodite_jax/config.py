@@ -18,13 +18,15 @@ class GeoditeConfig:
 
     Attributes:
         cutoff: radial cutoff r_c in Å.
-        num_features: hidden channels F of the invariant, steerable and edge features.
+        num_features: hidden channels F: invariant features ``h [N, F]``, steerable ``x [N, 8, F]``, edge
+            state ``t [E, F]``.
         num_layers: interaction layers T (each followed by a coupling block and a readout head).
-        num_heads: attention heads H; must divide ``num_features``.
-        num_rbf: size K of the Bessel radial basis.
-        edge_features: width F_e of the inner-product edge features.
+        num_heads: attention heads H; must divide ``num_features`` (``F / H`` channels a head).
+        num_rbf: size K of the Bessel radial basis ``phi [E, K]``.
+        edge_features: width F_e of the inner-product edge features ``[E, F_e]``.
         edge_mlp_features: hidden width F_m of the edge-update MLP.
-        num_elements: rows of the element tables; atomic numbers 1 .. num_elements-1 are known.
+        num_elements: rows of the element tables ``[num_elements, ...]``; atomic numbers 1 .. num_elements-1
+            are known.
         envelope_p: exponent p of the polynomial cutoff envelope (C^2 at r_c).
         norm_eps: epsilon of the joint RMS norm.
         distance_weighting: learned short-range switch s(r / (R_cov,i + R_cov,j)) on the basis.
@@ -95,10 +97,12 @@ class GeoditeConfig:
         return cls(**{**presets[name], **overrides})
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field by name (JSON-able; what a saved potential stores)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GeoditeConfig:
+        """Inverse of :meth:`to_dict`; unknown fields are refused by name, missing ones take their defaults."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -32,8 +32,8 @@ MIN_DISTANCE = 0.1  # Å: closer pairs are rejected as overlapping atoms
 def validate_atoms(atoms: Atoms, num_elements: int | None = None) -> None:
     """Raise ``ValueError`` naming the problem if ``atoms`` cannot be evaluated.
 
-    Checks: at least one atom, known atomic numbers (1..118, and < ``num_elements`` if given), finite
-    positions and cell, a non-singular cell along periodic directions.
+    Checks: at least one atom, known atomic numbers ``numbers [N]`` (1..118, and < ``num_elements`` if given),
+    finite ``positions [N, 3]`` and ``cell [3, 3]``, a non-singular cell along the periodic directions.
     """
     if len(atoms) == 0:
         raise ValueError("empty structure: the Atoms object has no atoms")
@@ -79,6 +79,10 @@ def neighbour_list(positions: np.ndarray, cell: np.ndarray, pbc: Sequence[bool],
     or wire are first split into groups separated by more than the cutoff along the non-periodic directions,
     each searched (vesin) in a box of its own size, so far-apart atoms (one atom 1e6 Å away) are simply
     isolated. A periodic cell too large for the cell grid is a ``ValueError``.
+
+    Args:
+        positions: ``[N, 3]`` Å; cell: ``[3, 3]`` rows are lattice vectors (ignored along non-periodic
+            directions); pbc: ``[3]`` bools; cutoff: Å.
 
     Returns:
         ``(receivers [E], senders [E], shifts [E, 3] int, distances [E])``.
@@ -209,7 +213,13 @@ def _complete_cell(cell: np.ndarray, pbc: np.ndarray, positions: np.ndarray, cut
 
 def atoms_to_graph(atoms: Atoms, cutoff: float, num_elements: int | None = None,
                    dtype: np.dtype | type = np.float32) -> jraph.GraphsTuple:
-    """One structure as a single (unpadded) graph, after :func:`validate_atoms` and an overlap check."""
+    """One structure of ``N`` atoms as a single (unpadded) graph, after :func:`validate_atoms` and an overlap check.
+
+    Returns:
+        ``GraphsTuple`` with ``nodes = {"positions": [N, 3], "species": [N]}``, ``edges = {"shifts": [E, 3]}``,
+        ``globals = {"cell": [1, 3, 3]}`` (zeros for a molecule), ``senders``/``receivers [E]`` sorted by
+        receiver, ``n_node = [N]``, ``n_edge = [E]`` (floats in ``dtype``).
+    """
     validate_atoms(atoms, num_elements)
     pbc = np.asarray(atoms.pbc, dtype=bool)
     cell = np.asarray(atoms.cell.array, np.float64) if pbc.any() else np.zeros((3, 3))
@@ -240,7 +250,7 @@ def bucket(n: int, minimum: int, multiple: int, growth: float = 1.25) -> int:
 
 
 def max_degree(graphs: Sequence[jraph.GraphsTuple]) -> int:
-    """Largest number of incoming edges of any node in ``graphs``."""
+    """Largest number of incoming edges (``receivers [E]`` counts) of any node in ``graphs``."""
     return max((int(np.bincount(g.receivers).max()) if len(g.receivers) else 0) for g in graphs)
 
 
@@ -250,7 +260,11 @@ def batch_graphs(graphs: Sequence[jraph.GraphsTuple], n_node: int | None = None,
 
     The result always ends with at least one padding graph; the last one holds the ≥ 1 padding nodes,
     any other padding graphs are empty. Padding edges are self-loops with zero shift (never a real
-    edge), which is how :func:`padding_masks` recognises them.
+    edge), which is how :func:`geodite_jax.energy.padding_masks` recognises them.
+
+    Returns:
+        one ``GraphsTuple`` with ``positions [n_node, 3]``, ``species [n_node]``, ``shifts [n_edge, 3]``,
+        ``senders``/``receivers [n_edge]``, ``cell [n_graph, 3, 3]``, ``n_node``/``n_edge [n_graph]``.
 
     ``neighbours_per_node=M`` lays the edges out in blocks: node k owns edges ``k·M .. k·M + M − 1`` (its
     real edges first, then padding self-loops), so ``n_edge = n_node · M``. The model then sums over

@@ -12,7 +12,7 @@ import numpy as np
 def polynomial_envelope(x: jnp.ndarray, p: int) -> jnp.ndarray:
     """u_p(x) = 1 − (p+1)(p+2)/2 x^p + p(p+2) x^(p+1) − p(p+1)/2 x^(p+2), exactly 0 for x ≥ 1.
 
-    Value, slope and curvature vanish at x = 1 (C^2). ``x``: any shape, ≥ 0.
+    Value, slope and curvature vanish at x = 1 (C^2). ``x``: any shape ``[...]``, ≥ 0; returns ``[...]``.
 
     Evaluated in the factored form u_p(x) = (1 − x)^3 Σ_{k<p} C(k+2, 2) x^k (the same polynomial): the
     expanded form cancels terms of size ~(p+1)(p+2)/2 near x = 1, which in float32 costs up to ~1e-3
@@ -34,7 +34,7 @@ def bessel_basis(r: jnp.ndarray, cutoff: float, num_rbf: int) -> jnp.ndarray:
     rounded after each operation; prefactor: √(2/r_c) rounded once): converted checkpoints match exactly.
 
     Args:
-        r: ``[E]`` distances (> 0).
+        r: ``[E]`` distances (> 0); cutoff: r_c in Å; num_rbf: K.
 
     Returns:
         ``[E, K]``.
@@ -57,6 +57,10 @@ def distance_weighting(t: jnp.ndarray, theta_kappa: jnp.ndarray, theta_lambda: j
 
     Args:
         t: ``[E]`` reduced distances (> 0).
+        theta_kappa, theta_lambda: scalars (learned).
+
+    Returns:
+        ``[E]`` switch values in [0, 1).
     """
     kappa = _one_plus_softplus_half(theta_kappa)
     lam = _one_plus_softplus_half(theta_lambda)
