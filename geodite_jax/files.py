@@ -1,4 +1,5 @@
-"""Atomic directory writes: build beside the target, then rename into place.
+"""Files: atomic directory writes (build beside the target, then rename into place), the JSON metadata files
+beside them, and figures.
 
 A reader never sees a half-written directory, and a crash while writing leaves the previous one intact.
 Used by saved potentials, preprocessed datasets and training checkpoints (with
@@ -117,3 +118,28 @@ def quiet_failed_orbax_reads() -> None:
 
     hook._geodite_filter = True  # type: ignore[attr-defined]
     sys.unraisablehook = hook
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in the file ``path`` (a metadata file); ``ValueError`` naming the file if it is corrupt
+    or holds something else than an object."""
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is corrupt: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is corrupt: not a JSON object")
+    return data
+
+
+def save_figure(fig: Any, path: str | os.PathLike, dpi: int) -> Path:
+    """Write a matplotlib figure to ``path`` (parent directories created) and close it; returns the path."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path

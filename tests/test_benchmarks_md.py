@@ -1,5 +1,5 @@
-"""MD analysis (geodite_jax.benchmarks.trajectory) on hand-checkable cases, and a smoke test of the argyrodite pipeline's
-MD + analysis stages on the real AIMD start frame."""
+"""MD analysis (geodite_jax.benchmarks.trajectory) on hand-checkable cases, and a smoke test of the argyrodite
+pipeline's MD + analysis stages on the real AIMD start frame."""
 
 from __future__ import annotations
 

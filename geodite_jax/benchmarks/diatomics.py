@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from ase.data import atomic_masses, atomic_numbers, covalent_radii
 
+from ..files import save_figure
 from . import shared_file
 
 BOX = 50.0  # Å
@@ -311,8 +312,4 @@ def plot_curve(pair: str, curve: dict[str, np.ndarray], path: str | os.PathLike,
     ax1.set_ylim(-min(ylim, 20), min(max(ylim, 1.0), 20))
     fig.suptitle(pair)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=90)

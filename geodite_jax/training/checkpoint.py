@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from ..files import atomic_directory, quiet_failed_orbax_reads, recover_directory
+from ..files import atomic_directory, quiet_failed_orbax_reads, read_json_object, recover_directory
 
 CHECKPOINT_VERSION = 1
 _STATE_DIR = "state"
@@ -46,10 +46,7 @@ def load_checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
     meta_file = Path(path) / _META_FILE
     if not meta_file.is_file():
         raise FileNotFoundError(f"no training checkpoint at {path} ({_META_FILE} missing)")
-    try:
-        meta = json.loads(meta_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{meta_file} is corrupt: {err}") from None
+    meta = read_json_object(meta_file)
     if meta.get("checkpoint_version") != CHECKPOINT_VERSION:
         raise ValueError(f"{path} has checkpoint version {meta.get('checkpoint_version')!r}; "
                          f"this geodite_jax reads version {CHECKPOINT_VERSION}")

@@ -16,7 +16,9 @@ import numpy as np
 from ase.units import GPa
 
 from ..config import GeoditeConfig
-from ..potential import Potential, as_dtype, make_predict_fn
+from ..energy import as_dtype, make_predict_fn
+from ..potential import Potential
+from ..precision import resolve_dtype
 
 EV_PER_A3_TO_GPA = 1.0 / GPa
 
@@ -70,23 +72,19 @@ def predict_dataset(state: dict, config: GeoditeConfig, ds: Any, indices: Sequen
 
 def predict_potential(potential: Potential, ds: Any, indices: Sequence[int] | None = None, dtype: str = "float32",
                       progress: bool = False) -> Predictions:
-    """:func:`predict_dataset` for a saved :class:`Potential` (checks the dataset's elements and cutoff)."""
-    jdtype = jnp.float64 if dtype == "float64" else jnp.float32
+    """:func:`predict_dataset` for a saved :class:`Potential` (checks the dataset's cutoff, and its elements with
+    :meth:`Potential.check_elements`)."""
+    jdtype = resolve_dtype(dtype)
     ds.require_cutoff(potential.config.cutoff)
-    check_elements(potential, ds, indices)
+    potential.check_elements(_elements_of(ds, indices))
     return predict_dataset(potential.state(jdtype), potential.config, ds, indices, dtype=jdtype, progress=progress)
 
 
-def check_elements(potential: Potential, ds: Any, indices: Sequence[int] | None = None) -> None:
-    """Refuse data with elements the potential was not trained on (``metadata["elements"]``, when recorded)."""
-    if potential.metadata.get("elements") is None:
-        return
-    present = set(int(z) for z in ds.stats.elements) if indices is None else _elements_of(ds, indices)
-    potential.check_elements(sorted(present))
-
-
-def _elements_of(ds: Any, indices: Sequence[int]) -> set[int]:
-    return set(int(z) for i in indices for z in np.unique(ds.graph(int(i)).nodes["species"]))
+def _elements_of(ds: Any, indices: Sequence[int] | None) -> list[int]:
+    """Sorted atomic numbers present in ``ds[indices]`` (all of ``ds``: from its statistics)."""
+    if indices is None:
+        return sorted(int(z) for z in ds.stats.elements)
+    return sorted({int(z) for i in indices for z in np.unique(ds.graph(int(i)).nodes["species"])})
 
 
 def baseline_predictions(train_ds: Any, ds: Any, indices: Sequence[int] | None = None,

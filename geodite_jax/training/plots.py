@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from ..files import save_figure
 from .evaluation import EV_PER_A3_TO_GPA, Predictions
 
 
@@ -56,11 +57,7 @@ def parity_plot(pred: Predictions, ds: Any, path: str | Path, baseline: Predicti
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def _resumed_series(records: list[dict]) -> list[dict]:
@@ -103,7 +100,4 @@ def learning_curves(log_file: str | Path, path: str | Path, title: str = "") -> 
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
