@@ -134,10 +134,14 @@ def read_json_object(path: Path) -> dict[str, Any]:
     return data
 
 
-def save_figure(fig: Any, path: str | os.PathLike, dpi: int) -> Path:
-    """Write a matplotlib figure to ``path`` (parent directories created) and close it; returns the path."""
+def save_figure(fig: Any, path: str | os.PathLike, dpi: int, title: str = "") -> Path:
+    """Lay out a matplotlib figure (with ``title`` above its panels, if given), write it to ``path`` (parent
+    directories created) and close it; returns the path."""
     import matplotlib.pyplot as plt
 
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)

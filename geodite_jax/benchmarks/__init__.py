@@ -11,6 +11,7 @@ matplotlib, tqdm) are imported inside the functions that need them.
 
 from __future__ import annotations
 
+import gzip
 import importlib.metadata
 import json
 import math
@@ -37,6 +38,17 @@ def shared_file(*parts: str) -> Path:
         raise FileNotFoundError(f"reference file {path} not found; pass its path explicitly or set "
                                 f"{SHARED_DATA_ENV} to the folder holding the shared data")
     return path
+
+
+def read_reference_json(path: str | os.PathLike | None, default: tuple[str, ...], what: str) -> tuple[Path, Any]:
+    """``(path, JSON)`` of a reference file, plain or gzipped (``.gz``): ``path``, or the shared-data file
+    ``default`` (:func:`shared_file`) when ``path`` is None; ``FileNotFoundError`` naming ``what`` and the path
+    if absent."""
+    path = Path(path) if path is not None else shared_file(*default)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {path} not found")
+    with gzip.open(path, "rt") if path.suffix == ".gz" else open(path) as f:
+        return path, json.load(f)
 
 
 def to_jsonable(value: Any) -> Any:

@@ -8,8 +8,6 @@ from any model; Geodite's are computed in one batched call by :func:`geodite_jax
 
 from __future__ import annotations
 
-import gzip
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -20,7 +18,7 @@ import numpy as np
 from ase.data import atomic_masses, atomic_numbers, covalent_radii
 
 from ..files import save_figure
-from . import shared_file
+from . import read_reference_json
 
 BOX = 50.0  # Å
 DISTANCES = np.geomspace(0.1, 6.0, 119)  # Å
@@ -241,11 +239,7 @@ def reference_metrics(symbol: str, r_ref: Sequence[float], e_ref: Sequence[float
 
 def load_reference_curves(path: str | os.PathLike | None = None, functional: str = "PBE") -> dict[str, dict]:
     """``{"X": {"distances" [n], "energies" [n], "forces" [n, 2, 3]}}`` from ``diatomics-dft.json.gz``."""
-    path = Path(path) if path is not None else shared_file(*REFERENCE_FILE)
-    if not path.exists():
-        raise FileNotFoundError(f"diatomic reference file {path} not found")
-    with gzip.open(path, "rt") if path.suffix == ".gz" else open(path) as f:
-        data = json.load(f)
+    path, data = read_reference_json(path, REFERENCE_FILE, "diatomic reference file")
     if functional not in data:
         raise KeyError(f"functional {functional!r} not in {path}; available: {sorted(data)}")
     out = {}
@@ -310,6 +304,4 @@ def plot_curve(pair: str, curve: dict[str, np.ndarray], path: str | os.PathLike,
         ax.legend(fontsize=8)
     ylim = np.nanmax(np.abs(e[ok] - e[ok][-1])) if ok.any() else 1.0
     ax1.set_ylim(-min(ylim, 20), min(max(ylim, 1.0), 20))
-    fig.suptitle(pair)
-    fig.tight_layout()
-    return save_figure(fig, path, dpi=90)
+    return save_figure(fig, path, dpi=90, title=pair)

@@ -9,8 +9,6 @@ RTA + coherences, "SMM19"), mode κ per (q, band), and the SRME/SRD metrics of `
 
 from __future__ import annotations
 
-import gzip
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -20,7 +18,7 @@ from typing import Any
 import numpy as np
 from ase import Atoms
 
-from . import shared_file
+from . import read_reference_json, shared_file
 
 KAPPA_DIR = "kappa-phononDB-PBE-103"
 KAPPA_STRUCTURES = "phononDB-PBE-structures.extxyz"
@@ -286,11 +284,7 @@ def load_kappa_structures(path: str | os.PathLike | None = None) -> list[Atoms]:
 def load_kappa_reference(path: str | os.PathLike | None = None) -> dict[str, dict[str, Any]]:
     """DFT κ by mp-id: ``kappa_tot_avg`` (W/mK, 300 K), ``mode_kappa_tot_avg [n_q, n_bands]``, ``weights``,
     ``qpoints``, ``frequencies``, ``q_mesh``, ``name``."""
-    path = Path(path) if path is not None else shared_file(KAPPA_DIR, KAPPA_REFERENCE)
-    if not path.exists():
-        raise FileNotFoundError(f"κ reference file {path} not found")
-    with gzip.open(path, "rt") if path.suffix == ".gz" else open(path) as f:
-        cols = json.load(f)
+    _, cols = read_reference_json(path, (KAPPA_DIR, KAPPA_REFERENCE), "κ reference file")
     out = {}
     for idx, mp_id in cols["mp_id"].items():
         out[mp_id] = {"name": cols["name"][idx], "kappa_tot_avg": float(np.ravel(cols["kappa_TOT_ave"][idx])[0]),

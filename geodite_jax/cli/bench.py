@@ -38,6 +38,17 @@ def _common(p: argparse.ArgumentParser, out: str) -> None:
                    help="precision of the model evaluation (the protocols use float64)")
 
 
+def _report(out: str | Path, name: str, summary: dict[str, Any], rows: list[dict[str, Any]], columns: list[str],
+            title: str, note: str, line: str) -> int:
+    """Write ``<name>.md`` / ``<name>.json`` (the summary with the environment appended), print ``line`` with
+    the table's path; the command's exit status 0."""
+    from ..benchmarks import environment_summary, write_tables
+
+    md, _ = write_tables(out, name, {**summary, **environment_summary()}, rows, columns, title, notes=[note])
+    print(f"{line}; tables: {md}")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------- discovery
 def _discovery_args(p: argparse.ArgumentParser) -> None:
     _common(p, "bench-results/discovery")
@@ -52,7 +63,6 @@ def _discovery_args(p: argparse.ArgumentParser) -> None:
 
 def _discovery(args: argparse.Namespace) -> int:
     from ..benchmarks import discovery as disc
-    from ..benchmarks import environment_summary, write_tables
 
     structures = disc.read_structures(args.structures)[: args.limit]
     refs = disc.load_reference_entries(args.references)
@@ -64,17 +74,16 @@ def _discovery(args: argparse.Namespace) -> int:
     ids = {sid for sid, _ in structures}
     records = [r for r in records if r["id"] in ids]
     summary = {"model": args.model, **disc.summarize(records), "fmax": args.fmax, "max_steps": args.max_steps,
-               "wall_s_this_run": time.perf_counter() - t0, **environment_summary()}
+               "wall_s_this_run": time.perf_counter() - t0}
     cols = ["id", "formula", "n_atoms", "steps", "converged", "energy_per_atom", "e_form_per_atom", "e_hull_pred",
             "e_hull_true", "failure"]
     rows = [{k: r.get(k) for k in cols} for r in records]
-    md, _ = write_tables(out, "discovery", summary, rows, cols, "Matbench-Discovery-style relax-then-predict",
-                         notes=["Stable ⇔ hull distance ≤ 0 eV/atom; a failed prediction counts as unstable. "
-                                "Hull: fixed DFT hull formula where WBM columns exist, else pymatgen PhaseDiagram "
-                                "of the reference entries. Energies MP2020-corrected unless --no-mp2020."])
-    print(f"{len(records)} structures, {summary['n_failed']} flagged; F1 {summary.get('F1', float('nan')):.3f}; "
-          f"tables: {md}")
-    return 0
+    return _report(out, "discovery", summary, rows, cols, "Matbench-Discovery-style relax-then-predict",
+                   "Stable ⇔ hull distance ≤ 0 eV/atom; a failed prediction counts as unstable. Hull: fixed DFT hull "
+                   "formula where WBM columns exist, else pymatgen PhaseDiagram of the reference entries. Energies "
+                   "MP2020-corrected unless --no-mp2020.",
+                   f"{len(records)} structures, {summary['n_failed']} flagged; "
+                   f"F1 {summary.get('F1', float('nan')):.3f}")
 
 
 register("discovery", "relax-then-predict structures, hull distances and discovery metrics", _discovery_args,
@@ -100,7 +109,6 @@ def _kappa(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from ..benchmarks import environment_summary, write_tables
     from ..benchmarks import phonons as ph
 
     if not ph.phono3py_available():
@@ -130,14 +138,13 @@ def _kappa(args: argparse.Namespace) -> int:
                "mean_SRE": float(np.mean([r["SRE"] for r in rows])) if rows else math.nan,
                "failure_rate": float(np.mean([r["failure"] is not None for r in rows])) if rows else math.nan,
                "q_mesh": "reference" if args.q_mesh is None else "x".join(map(str, args.q_mesh)),
-               "wall_s": time.perf_counter() - t0, **environment_summary()}
+               "wall_s": time.perf_counter() - t0}
     cols = ["mp_id", "name", "n_atoms", "space_group", "kappa_tot_avg", "kappa_dft", "SRD", "SRME", "failure",
             "wall_s"]
-    md, _ = write_tables(args.out, "kappa", summary, rows, cols, "κ_SRME (PhononDB-PBE, 300 K, Wigner RTA)",
-                         notes=["SRME = 2 for failures (broken symmetry, imaginary modes). κ_SRME is the mean "
-                                "over the materials run here, not over all 103 unless all were run."])
-    print(f"κ_SRME {summary['kappa_SRME']:.3f} over {len(rows)} materials; tables: {md}")
-    return 0
+    return _report(args.out, "kappa", summary, rows, cols, "κ_SRME (PhononDB-PBE, 300 K, Wigner RTA)",
+                   "SRME = 2 for failures (broken symmetry, imaginary modes). κ_SRME is the mean over the materials "
+                   "run here, not over all 103 unless all were run.",
+                   f"κ_SRME {summary['kappa_SRME']:.3f} over {len(rows)} materials")
 
 
 register("kappa", "κ_SRME on the PhononDB-PBE-103 reference materials (needs phono3py)", _kappa_args, _kappa)
@@ -156,7 +163,6 @@ def _phonons_args(p: argparse.ArgumentParser) -> None:
 def _phonons(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from ..benchmarks import environment_summary, write_tables
     from ..benchmarks import phonons as ph
     from ..benchmarks.discovery import read_structures
 
@@ -179,11 +185,9 @@ def _phonons(args: argparse.Namespace) -> int:
     cols = ["id", "formula", "max_frequency_THz", "imaginary", "free_energy_kJ_mol", "entropy_J_K_mol",
             "heat_capacity_J_K_mol", "failure"]
     summary = {"model": args.model, "supercell": "x".join(map(str, args.supercell)),
-               "mesh": "x".join(map(str, args.mesh)), "temperature_K": args.temperature, **environment_summary()}
-    md, _ = write_tables(args.out, "phonons", summary, rows, cols, "Harmonic phonons (phonopy)",
-                         notes=["Per mole of primitive cells; finite displacements of 0.01 Å."])
-    print(f"{len(rows)} structures; tables: {md}")
-    return 0
+               "mesh": "x".join(map(str, args.mesh)), "temperature_K": args.temperature}
+    return _report(args.out, "phonons", summary, rows, cols, "Harmonic phonons (phonopy)",
+                   "Per mole of primitive cells; finite displacements of 0.01 Å.", f"{len(rows)} structures")
 
 
 register("phonons", "harmonic phonons: frequencies, free energy, entropy, heat capacity", _phonons_args, _phonons)
@@ -208,7 +212,7 @@ def _diatomics(args: argparse.Namespace) -> int:
 
     from ..batched import dimer_curves, known_elements
     from ..benchmarks import diatomics as di
-    from ..benchmarks import environment_summary, to_jsonable, write_tables
+    from ..benchmarks import to_jsonable
 
     pot, _ = _load(args)
     elements = args.elements or known_elements(pot)
@@ -243,15 +247,14 @@ def _diatomics(args: argparse.Namespace) -> int:
     keys = ["n_minima", "energy_jump", "tortuosity", "force_flips", "pbe_energy_mae", "pbe_force_mae",
             "pbe_wall_dist_mae"]
     summary = {"model": args.model, "n_pairs": len(rows), "n_with_reference": sum("pbe_energy_mae" in r for r in rows),
-               **{f"mean_{k}": mean(k) for k in keys}, "wall_s": time.perf_counter() - t0, **environment_summary()}
+               **{f"mean_{k}": mean(k) for k in keys}, "wall_s": time.perf_counter() - t0}
     cols = ["pair", "n_minima", "energy_diff_flips", "energy_jump", "tortuosity", "force_flips", "force_jump",
             "wall_energy", "wall_monotone", "pbe_energy_mae", "pbe_force_mae", "pbe_wall_dist_mae",
             "pbe_bond_length_error"]
-    md, _ = write_tables(out, "diatomics", summary, rows, cols, "Diatomic curves: smoothness and PBE comparison",
-                         notes=["Window [0.9·r_cov, 6 Å]; means over homonuclear pairs. Ideal: 1 minimum, "
-                                "energy_jump ≈ 0, tortuosity 1, force_flips 1."])
-    print(f"{len(rows)} dimers; mean tortuosity {summary['mean_tortuosity']:.3f}; tables: {md}")
-    return 0
+    return _report(out, "diatomics", summary, rows, cols, "Diatomic curves: smoothness and PBE comparison",
+                   "Window [0.9·r_cov, 6 Å]; means over homonuclear pairs. Ideal: 1 minimum, energy_jump ≈ 0, "
+                   "tortuosity 1, force_flips 1.",
+                   f"{len(rows)} dimers; mean tortuosity {summary['mean_tortuosity']:.3f}")
 
 
 register("diatomics", "dimer curves, smoothness metrics, PBE comparison, plots", _diatomics_args, _diatomics)

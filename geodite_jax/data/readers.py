@@ -96,7 +96,6 @@ def read_frames(path: str | Path, format: str | None = None, *, energy_key: str 
             logger.warning("skipping malformed frame: %s", message)
 
 
-
 def describe_label_keys(path: str | Path, format: str | None = None) -> str:  # noqa: A002
     """The label-like keys of the first frame of an extxyz / ASE-db file, for error messages
     (``"info: REF_energy, config_type; per-atom arrays: REF_forces; calculator: (none)"``); "" otherwise."""

@@ -54,10 +54,7 @@ def parity_plot(pred: Predictions, ds: Any, path: str | Path, baseline: Predicti
         ax.set_xlabel(f"reference {term} ({unit})")
         ax.set_ylabel(f"predicted {term} ({unit})")
         ax.legend(loc="upper left", fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return save_figure(fig, path, dpi=120)
+    return save_figure(fig, path, dpi=120, title=title)
 
 
 def _resumed_series(records: list[dict]) -> list[dict]:
@@ -97,7 +94,4 @@ def learning_curves(log_file: str | Path, path: str | Path, title: str = "") -> 
     for ax in axes:
         ax.set_xlabel("step")
         ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return save_figure(fig, path, dpi=120)
+    return save_figure(fig, path, dpi=120, title=title)

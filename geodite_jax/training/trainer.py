@@ -66,7 +66,6 @@ class TrainResult:
     steps_run: int | None = None  # steps taken by this call (``steps`` counts the resumed ones too)
 
 
-
 @functools.lru_cache(maxsize=8)
 def _compiled_predict(model_config: GeoditeConfig) -> Callable[..., dict]:
     return jax.jit(make_predict_fn(model_config))

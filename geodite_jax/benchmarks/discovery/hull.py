@@ -3,17 +3,14 @@ energies (MP's VASP parameters where a structure carries none) and hull distance
 
 from __future__ import annotations
 
-import gzip
-import json
 import math
 import os
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 from ase import Atoms
 
-from .. import shared_file
+from .. import read_reference_json
 
 #: WBM summary columns used by the protocol's fixed-hull formula (§2.1 step 4).
 E_FORM_DFT_KEY = "e_form_per_atom_mp2020_corrected"
@@ -28,12 +25,7 @@ def load_reference_entries(path: str | os.PathLike | None = None) -> list[Any]:
     """
     from pymatgen.entries.computed_entries import ComputedEntry, ComputedStructureEntry
 
-    path = Path(path) if path is not None else shared_file(*ELEMENTAL_REFS_FILE)
-    if not path.exists():
-        raise FileNotFoundError(f"reference entries file {path} not found")
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt") as f:
-        data = json.load(f)
+    path, data = read_reference_json(path, ELEMENTAL_REFS_FILE, "reference entries file")
     items = list(data.values()) if isinstance(data, dict) else list(data)
     if not items or not all(isinstance(d, dict) and "energy" in d for d in items):
         raise ValueError(f"{path} does not hold pymatgen ComputedEntry dicts")
