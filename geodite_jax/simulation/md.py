@@ -10,9 +10,7 @@ pressure and energies, writes a trajectory frame and, if asked, an atomic checkp
 from __future__ import annotations
 
 import dataclasses as pydc
-import json
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,11 +23,11 @@ from jax_md import simulate
 
 from .io import CSVLog, TrajectoryWriter, frame, output_record, truncate_outputs
 from .jaxmd import JaxMDSystem
+from .md_checkpoint import load_md_checkpoint, save_md_checkpoint
 from .neighbors import GeoditeNeighborList, box_perpendicular_widths, run_with_regrowth
 
 ENSEMBLES = ("nve", "nvt", "npt")
 THERMOSTATS = ("langevin", "nose-hoover")
-CHECKPOINT_VERSION = 2  # 2: + neighbour-list state and output sizes (1 still reads)
 
 
 @pydc.dataclass(frozen=True)
@@ -323,94 +321,15 @@ class MDRunner:
 
     # ------------------------------------------------------------------------------- checkpoint / resume
     def save_checkpoint(self, md: MDState, path: str | os.PathLike, outputs: dict | None = None) -> Path:
-        """Write everything the next step depends on to ``path`` (``.npz``) atomically (a temporary file renamed
-        over the old one): the integrator state (positions, momenta, forces, thermostat/barostat chains, box,
-        RNG key) and the neighbour list (skin-list indices and reference positions, tight capacity and
-        occupancy), every array in the run's own dtype, plus the step and ``outputs`` (trajectory and log sizes,
-        see :func:`~geodite_jax.simulation.io.output_record`). :meth:`resume` rebuilds exactly this state, so a
-        resumed run is bitwise the uninterrupted one."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        leaves = jax.tree_util.tree_leaves(md.state)
-        skin = md.neighbors.skin
-        nbr_leaves = jax.tree_util.tree_leaves(skin)
-        statics = {f.name: getattr(skin, f.name) for f in pydc.fields(skin) if f.metadata.get("static")
-                   and isinstance(getattr(skin, f.name), (int, float, type(None)))}
-        meta = {"version": CHECKPOINT_VERSION, "step": md.step, "settings": pydc.asdict(self.settings),
-                "species": self.system.species.tolist(), "n_leaves": len(leaves),
-                "neighbors": {"type": type(skin).__name__, "n_leaves": len(nbr_leaves), "static": statics,
-                              "capacity": int(md.neighbors.capacity)},
-                "outputs": outputs or {}}
-        arrays = {f"leaf_{i}": np.asarray(x) for i, x in enumerate(leaves)}
-        arrays.update({f"nbr_{i}": np.asarray(x) for i, x in enumerate(nbr_leaves)})
-        arrays["tight_count"] = np.asarray(md.neighbors.tight_count)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
-        os.close(fd)
-        try:
-            np.savez(tmp, meta=np.asarray(json.dumps(meta)), **arrays)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        """Write everything the next step depends on to ``path`` (``.npz``) atomically; see
+        :func:`~geodite_jax.simulation.md_checkpoint.save_md_checkpoint`."""
+        return save_md_checkpoint(md.state, md.neighbors, md.step, path, self.settings, self.system.species, outputs)
 
     def resume(self, path: str | os.PathLike) -> MDState:
-        """The state saved by :meth:`save_checkpoint`, neighbour list included; checks it fits this run.
-
-        A version-1 checkpoint (no neighbour list stored) gets a fresh list: the run continues correctly but
-        not bitwise as the uninterrupted one."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"MD checkpoint not found: {path}")
-        try:
-            with np.load(path) as data:
-                meta = json.loads(str(data["meta"]))
-                arrays = [data[f"leaf_{i}"] for i in range(meta["n_leaves"])]
-                nbr_meta = meta.get("neighbors")
-                nbr_arrays = [data[f"nbr_{i}"] for i in range(nbr_meta["n_leaves"])] if nbr_meta else None
-                tight_count = data["tight_count"] if nbr_meta else None
-        except (OSError, ValueError, KeyError) as err:
-            raise ValueError(f"{path} is not a readable MD checkpoint: {err}") from None
-        if meta.get("version") not in (1, CHECKPOINT_VERSION):
-            raise ValueError(f"{path}: checkpoint version {meta.get('version')!r}, expected {CHECKPOINT_VERSION}")
-        if meta["species"] != self.system.species.tolist():
-            raise ValueError(f"{path} holds a different structure ({len(meta['species'])} atoms) than this run")
-        if meta["settings"] != pydc.asdict(self.settings):
-            diff = {k: (v, pydc.asdict(self.settings)[k]) for k, v in meta["settings"].items()
-                    if pydc.asdict(self.settings).get(k) != v}
-            raise ValueError(f"{path} was written with other MD settings: (saved, now) = {diff}")
-        template = self.init().state  # the pytree structure of this ensemble's state
-        leaves, treedef = jax.tree_util.tree_flatten(template)
-        if len(leaves) != len(arrays):
-            raise ValueError(f"{path} does not match this ensemble's state ({len(arrays)} vs {len(leaves)} arrays)")
-        for a, t in zip(arrays, leaves, strict=True):
-            if a.dtype != np.dtype(t.dtype):
-                raise ValueError(f"{path} was written in {a.dtype}, this run is {np.dtype(t.dtype)}: use the "
-                                 "checkpoint's --dtype")
-        state = jax.tree_util.tree_unflatten(
-            treedef, [jnp.asarray(a, t.dtype).reshape(t.shape) for a, t in zip(arrays, leaves, strict=True)])
-        box = self.box_of(state)
-        if nbr_meta is None:
-            nbr = self.system.allocate(state.position, box)
-        else:
-            nbr = self._restore_neighbors(path, state, box, nbr_meta, nbr_arrays, tight_count)
-        return MDState(state, nbr, int(meta["step"]), meta.get("outputs") or None)
-
-    def _restore_neighbors(self, path: Path, state: Any, box: Any, nbr_meta: dict, arrays: list[np.ndarray],
-                           tight_count: np.ndarray) -> GeoditeNeighborList:
-        """The saved neighbour list, its arrays set into a freshly allocated one of the same kind and statics."""
-        template = self.system.allocate(state.position, box)
-        skin = template.skin
-        if type(skin).__name__ != nbr_meta["type"]:
-            raise ValueError(f"{path} holds a {nbr_meta['type']} neighbour list, this run uses {type(skin).__name__}")
-        skin = skin.set(**nbr_meta["static"])
-        leaves, treedef = jax.tree_util.tree_flatten(skin)
-        if len(leaves) != len(arrays):
-            raise ValueError(f"{path} does not match this run's neighbour list ({len(arrays)} vs {len(leaves)} arrays)")
-        skin = jax.tree_util.tree_unflatten(
-            treedef, [jnp.asarray(a, jnp.asarray(t).dtype) for a, t in zip(arrays, leaves, strict=True)])
-        return template.set(skin=skin, tight_count=jnp.asarray(tight_count, template.tight_count.dtype),
-                            capacity=int(nbr_meta["capacity"]))
+        """The state saved by :meth:`save_checkpoint`, neighbour list included; checks it fits this run (see
+        :func:`~geodite_jax.simulation.md_checkpoint.load_md_checkpoint`)."""
+        # the template is this ensemble's state pytree, the structure the saved leaves must fit
+        return MDState(*load_md_checkpoint(path, self.settings, self.system, self.init().state, self.box_of))
 
 
 def _progress(total: int, initial: int) -> Any:
