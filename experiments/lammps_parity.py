@@ -12,7 +12,9 @@ Tolerances: float64 1e-8 (eV, eV/Å, eV); float32 relative 1e-5 (|Δ| / max |ref
 energy relative to Σ|E_i| of the calculator's per-atom energies). The untrained ``tiny`` model (cutoff 4 Å
 here, 2 layers) gets random element energies and a few scaled weights so forces are O(1) eV/Å.
 
-``--hops-control`` adds a ghost-scheme bundle with n_hops = num_layers (one hop short): it must fail.
+Controls (they must fail): ``--hops-control`` adds a ghost-scheme bundle with n_hops = num_layers (one hop
+short; float64 only, the error is ~1e-7 eV); ``--exchange-control`` runs the comm bundles once more with the
+exchange left out (identity).
 Rank 0 prints the table; ``--json FILE`` writes the rows. Exit status 1 if a row fails its tolerance.
 """
 
@@ -36,7 +38,7 @@ import numpy as np  # noqa: E402
 from ase.build import bulk  # noqa: E402
 
 import geodite_jax as gd  # noqa: E402
-from geodite_jax.lammps import export_lammps, make_lammps_energy, n_hops  # noqa: E402
+from geodite_jax.lammps import estimate_capacities, export_lammps, make_lammps_energy, n_hops  # noqa: E402
 
 TYPES = ["Cu", "Ni", "Al"]
 SKIN = 1.0
@@ -85,6 +87,7 @@ def main() -> int:
     parser.add_argument("--scheme", nargs="+", default=["comm", "ghost"], choices=["comm", "ghost"])
     parser.add_argument("--cases", nargs="+", type=int, default=[0, 1, 2], help="structure indices (0 1 2)")
     parser.add_argument("--hops-control", action="store_true", help="add a ghost bundle one hop short")
+    parser.add_argument("--exchange-control", action="store_true", help="add comm runs without the exchange")
     parser.add_argument("--json", default=None, help="write the rows here (rank 0)")
     parser.add_argument("--workdir", default=None, help="directory for the bundles (default: a temporary one)")
     args = parser.parse_args()
@@ -98,41 +101,49 @@ def main() -> int:
     cases = [cases[i] for i in args.cases]
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="lammps_parity_"))
     workdir = Path(mpi.allgather(str(workdir).encode())[0].decode())  # rank 0's
-    rows, ok = [], True
+    rows, ok, exported = [], True, set()
     if "float64" in args.dtype and args.dtype[0] == "float64" and "float32" in args.dtype:
         args.dtype = ["float32", "float64"]  # x64 is switched on for float64 and stays on: float32 first
     for dtype in args.dtype:
-        variants = [(s, None) for s in args.scheme]
-        if args.hops_control and "ghost" in args.scheme:
-            variants.append(("ghost", n_hops(pot) - 1))
+        variants = [(s, None, True) for s in args.scheme]
+        if args.exchange_control and "comm" in args.scheme:
+            variants.append(("comm", None, False))
+        if args.hops_control and "ghost" in args.scheme and dtype == "float64":  # ~1e-7 eV: float64 only
+            variants.append(("ghost", n_hops(pot) - 1, True))
         refs = {name: emu.reference(pot, atoms, dtype) for name, atoms in cases}
-        for scheme, hops in variants:
+        for scheme, hops, exchange in variants:
             path = workdir / f"geodite-{dtype}-{scheme}{'' if hops is None else f'-h{hops}'}.lammps-jax.json"
             t0 = time.perf_counter()
-            if mpi.rank == 0:
+            if mpi.rank == 0 and path not in exported:
+                # capacities: what the largest of the structures needs on one rank (more ranks need less)
+                depth = hops or (n_hops(pot) if scheme == "ghost" else 1)
+                needs = [estimate_capacities(a, pot.config.cutoff, scheme, depth, SKIN) for _, a in cases]
+                max_atoms, max_edges = max(n.atoms for n in needs) + 64, max(n.edges for n in needs) + 256
                 if hops is None:
-                    export_lammps(pot, path, TYPES, sample=cases[0][1], dtype=dtype, platform="cpu", scheme=scheme,
-                                  skin=SKIN, margin=1.5)
+                    export_lammps(pot, path, TYPES, max_atoms=max_atoms, max_edges=max_edges, dtype=dtype,
+                                  platform="cpu", scheme=scheme, skin=SKIN)
                 else:  # the control: the same energy, one hop of ghost shell too few
                     from lammps_jax.export import export_model
 
                     export_model(energy_fn=make_lammps_energy(pot, [29, 28, 13], dtype, "ghost"), path=path,
-                                 max_atoms=8192, max_edges=400_000, cutoff=pot.config.cutoff, unit_style="metal",
-                                 precision=dtype, newton="on", n_hops=hops, platform="cpu")
+                                 max_atoms=max_atoms, max_edges=max_edges, cutoff=pot.config.cutoff,
+                                 unit_style="metal", precision=dtype, newton="on", n_hops=hops, platform="cpu")
+            exported.add(path)
             mpi.allgather(b"")  # barrier: the bundle is written
             t_export = time.perf_counter() - t0
             contract = json.loads(path.read_text())["contract"]
             for name, atoms in cases:
                 t0 = time.perf_counter()
-                got = emu.run_bundle(path, atoms, TYPES, skin=SKIN)
+                got = emu.run_bundle(path, atoms, TYPES, skin=SKIN, exchange=exchange)
                 e_ref, f_ref, v_ref, per_atom = refs[name]
                 err = errors(dtype, (e_ref, f_ref, v_ref), got, per_atom)
                 tol = 1e-8 if dtype == "float64" else 1e-5
                 passed = all(v <= tol for v in err.values())
-                expect_fail = hops is not None
+                expect_fail = hops is not None or not exchange
                 ok &= passed != expect_fail
                 nall = mpi.allgather_arrays(np.array([got.nall, got.edges]))[0]
-                rows.append({"dtype": dtype, "scheme": scheme, "n_hops": contract["n_hops"], "structure": name,
+                rows.append({"dtype": dtype, "scheme": scheme if exchange else "comm, exchange left out",
+                             "n_hops": contract["n_hops"], "structure": name,
                              "ranks": mpi.size, "energy_eV": e_ref, "max_abs_force": float(np.abs(f_ref).max()),
                              "err_energy": err["energy"], "err_forces": err["forces"], "err_virial": err["virial"],
                              "tolerance": tol, "passed": passed, "expected_to_fail": expect_fail,
@@ -142,7 +153,7 @@ def main() -> int:
                              "run_s": round(time.perf_counter() - t0, 1)})
                 if mpi.rank == 0:
                     r = rows[-1]
-                    print(f"{dtype} {scheme:5s} n_hops={r['n_hops']} {name:32s} ranks={mpi.size} "
+                    print(f"{dtype} {r['scheme']:5s} n_hops={r['n_hops']} {name:32s} ranks={mpi.size} "
                           f"dE={r['err_energy']:.2e} dF={r['err_forces']:.2e} dW={r['err_virial']:.2e} "
                           f"{'PASS' if passed else 'FAIL'}{' (control: must fail)' if expect_fail else ''} "
                           f"atoms/rank={r['atoms_per_rank']} edges/rank={r['edges_per_rank']} "

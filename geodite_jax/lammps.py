@@ -69,11 +69,15 @@ def type_numbers(potential: Potential, types: Sequence[str]) -> list[int]:
     for t, symbol in enumerate(types, start=1):
         if symbol not in atomic_numbers or atomic_numbers[symbol] == 0:
             raise ValueError(f"LAMMPS type {t}: {symbol!r} is not an element symbol")
+        z = atomic_numbers[symbol]
+        if z >= potential.config.num_elements:
+            raise ValueError(f"LAMMPS type {t}: element {symbol} (Z={z}) is not known to this model, which covers "
+                             f"Z=1..{potential.config.num_elements - 1}")
         try:
-            potential.check_elements([atomic_numbers[symbol]])
+            potential.check_elements([z])  # elements it was not trained on
         except ValueError as err:
-            raise ValueError(f"LAMMPS type {t} ({symbol}): {err}") from None
-        numbers.append(atomic_numbers[symbol])
+            raise ValueError(f"LAMMPS type {t}: {err}") from None
+        numbers.append(z)
     return numbers
 
 

