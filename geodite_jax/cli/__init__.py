@@ -18,7 +18,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-_COMMAND_MODULES = ("core", "train", "simulate", "bench")
+_COMMAND_MODULES = ("core", "train", "simulate", "bench", "lammps")
 
 
 # User errors: reported in one line, exit status 2. A KeyError counts only when raised with a sentence
