@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 #: Bytes of one chunk's steerable message block [C·M, 8, F]: small enough to stay in cache, large enough that
@@ -122,3 +123,9 @@ def chunk_nodes(num_nodes: int, block: int | None, chunk_edges: int | None) -> i
         if num_nodes % c == 0:
             return c
     return size
+
+
+def pad_vector(cutoff: float) -> np.ndarray:
+    """The vector given to padding edges, ``[3]``: longer than the cutoff (exactly zero energy, finite
+    gradients) and longer than any real edge, so no padding pair is ever mistaken for a neighbour."""
+    return np.array([2.0 * cutoff + 1.0, 0.0, 0.0])

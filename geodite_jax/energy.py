@@ -18,6 +18,7 @@ import numpy as np
 from flax import struct
 
 from .config import GeoditeConfig
+from .edges import pad_vector
 from .model import Geodite
 
 
@@ -44,12 +45,6 @@ def as_dtype(tree: Any, dtype: Any) -> Any:
     """Floating leaves of ``tree`` as ``dtype`` arrays; integer leaves (species, indices) unchanged."""
     return jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype) if jnp.issubdtype(jnp.asarray(x).dtype,
                                                                                     jnp.floating) else x, tree)
-
-
-def pad_vector(cutoff: float) -> np.ndarray:
-    """The vector given to padding edges, ``[3]``: longer than the cutoff (exactly zero energy, finite
-    gradients) and longer than any real edge, so no padding pair is ever mistaken for a neighbour."""
-    return np.array([2.0 * cutoff + 1.0, 0.0, 0.0])
 
 
 def atom_energies(model: Geodite, state: PotentialState, vectors: jnp.ndarray, species: jnp.ndarray,

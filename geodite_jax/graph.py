@@ -29,15 +29,10 @@ from .elements import MAX_Z
 MIN_DISTANCE = 0.1  # Å: closer pairs are rejected as overlapping atoms
 
 
-def validate_atoms(atoms: Atoms, num_elements: int | None = None) -> None:
-    """Raise ``ValueError`` naming the problem if ``atoms`` cannot be evaluated.
-
-    Checks: at least one atom, known atomic numbers ``numbers [N]`` (1..118, and < ``num_elements`` if given),
-    finite ``positions [N, 3]`` and ``cell [3, 3]``, a non-singular cell along the periodic directions.
-    """
-    if len(atoms) == 0:
-        raise ValueError("empty structure: the Atoms object has no atoms")
-    numbers = np.asarray(atoms.numbers)
+def check_atomic_numbers(numbers: Sequence[int] | np.ndarray, num_elements: int | None = None) -> None:
+    """``ValueError`` naming the first of ``numbers [N]`` that is no element (outside 1..118) or, with
+    ``num_elements``, beyond a model's element table (Z ≥ ``num_elements``)."""
+    numbers = np.asarray(numbers).reshape(-1)
     bad = np.flatnonzero((numbers < 1) | (numbers > MAX_Z))
     if bad.size:
         raise ValueError(f"unknown element: atomic number {int(numbers[bad[0]])} at atom {int(bad[0])} "
@@ -48,6 +43,17 @@ def validate_atoms(atoms: Atoms, num_elements: int | None = None) -> None:
             z = int(numbers[bad[0]])
             raise ValueError(f"element {chemical_symbols[z]} (Z={z}) at atom {int(bad[0])} is not known to this "
                              f"model, which covers Z=1..{num_elements - 1}")
+
+
+def validate_atoms(atoms: Atoms, num_elements: int | None = None) -> None:
+    """Raise ``ValueError`` naming the problem if ``atoms`` cannot be evaluated.
+
+    Checks: at least one atom, known atomic numbers ``numbers [N]`` (1..118, and < ``num_elements`` if given),
+    finite ``positions [N, 3]`` and ``cell [3, 3]``, a non-singular cell along the periodic directions.
+    """
+    if len(atoms) == 0:
+        raise ValueError("empty structure: the Atoms object has no atoms")
+    check_atomic_numbers(atoms.numbers, num_elements)
     positions = np.asarray(atoms.positions)
     if not np.all(np.isfinite(positions)):
         atom = int(np.flatnonzero(~np.isfinite(positions).all(1))[0])

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import GeoditeConfig
-from .edges import Edges, chunk_nodes, default_chunk_edges
+from .edges import Edges, chunk_nodes, default_chunk_edges, pad_vector
 from .elements import COVALENT_RADII
 from .priors import ZBL_CODE, ZBL_UNIVERSAL, soft_neighbour_terms, zbl_pair_energy
 from .radial import bessel_basis, distance_weighting, polynomial_envelope
@@ -324,9 +324,9 @@ class Geodite(nn.Module):
             # Pad once to whole chunks: padding nodes (species 0) own self-loop edges beyond the cutoff, so they
             # change nothing and are cut off the outputs; the chunked layers then split by reshaping (no copies).
             m, extra = neighbours_per_node, chunk - n % chunk
-            pad_vector = jnp.asarray([2.0 * cfg.cutoff + 1.0, 0.0, 0.0], vectors.dtype)
+            pad = jnp.asarray(pad_vector(cfg.cutoff), vectors.dtype)
             loops = jnp.repeat(jnp.arange(n, n + extra, dtype=senders.dtype), m)
-            vectors = jnp.concatenate([vectors, jnp.broadcast_to(pad_vector, (extra * m, 3))])
+            vectors = jnp.concatenate([vectors, jnp.broadcast_to(pad, (extra * m, 3))])
             species = jnp.concatenate([species, jnp.zeros((extra,), species.dtype)])
             senders, receivers = jnp.concatenate([senders, loops]), jnp.concatenate([receivers, loops])
         if exchange is not None and species.shape[0] > n:  # chunk padding rows are nobody's ghosts

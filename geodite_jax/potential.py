@@ -19,8 +19,8 @@ import numpy as np
 from .config import GeoditeConfig
 from .elements import MAX_Z, mptrj_element_energies
 from .energy import PotentialState, as_dtype, make_energy_fn, make_predict_fn  # noqa: F401 (re-exported)
-from .files import atomic_directory, quiet_failed_orbax_reads, recover_directory
-from .graph import validate_atoms
+from .files import atomic_directory, quiet_failed_orbax_reads, read_json_object, recover_directory
+from .graph import check_atomic_numbers, validate_atoms
 from .model import Geodite, count_params, init_params
 from .priors import ZBL_UNIVERSAL
 
@@ -107,18 +107,8 @@ class Potential:
         The trained set is ``metadata["elements"]`` (recorded by the trainer); without it every element
         below ``config.num_elements`` is accepted (an untrained or converted potential).
         """
+        check_atomic_numbers(numbers, self.config.num_elements)
         numbers = np.asarray(numbers).reshape(-1)
-        bad = np.flatnonzero((numbers < 1) | (numbers > MAX_Z))
-        if bad.size:
-            raise ValueError(f"unknown element: atomic number {int(numbers[bad[0]])} at atom {int(bad[0])} "
-                             f"(valid atomic numbers are 1..{MAX_Z})")
-        bad = np.flatnonzero(numbers >= self.config.num_elements)
-        if bad.size:
-            from ase.data import chemical_symbols
-
-            z = int(numbers[bad[0]])
-            raise ValueError(f"element {chemical_symbols[z]} (Z={z}) at atom {int(bad[0])} is not known to this "
-                             f"model, which covers Z=1..{self.config.num_elements - 1}")
         known = self.metadata.get("elements")
         if known is None:
             return
@@ -195,12 +185,7 @@ class Potential:
         meta_file = path / _META_FILE
         if not meta_file.is_file():
             raise ValueError(f"{path} is not a geodite_jax potential: {_META_FILE} is missing")
-        try:
-            meta = json.loads(meta_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{meta_file} is corrupt: {err}") from None
-        if not isinstance(meta, dict):
-            raise ValueError(f"{meta_file} is corrupt: not a JSON object")
+        meta = read_json_object(meta_file)
         version = meta.get("format_version")
         if version != FORMAT_VERSION:
             raise ValueError(f"{path} has format version {version!r}; this geodite_jax reads version {FORMAT_VERSION}")
