@@ -3,9 +3,12 @@
 
 Usage (repository root, project python; run it on a quiet machine, nothing else running)::
 
-    python experiments/bench_dist.py            # tiny preset, float32: weak 2,048 atoms/device, strong 8,192 atoms
+    python experiments/bench_dist.py            # tiny preset, float32: weak 2,048 atoms/device, strong 4,096 atoms
     python experiments/bench_dist.py --quick    # smoke run: 256 atoms/device, strong 1,024 atoms, 2 steps
-    python experiments/bench_dist.py --per-device 4096 --strong-atoms 16384    # the 4k-16k series (longer)
+    python experiments/bench_dist.py --per-device 4096 --strong-atoms 16384    # the 4k-16k series (~3x longer)
+
+The default set (2,048-8,192 atoms, 5 timed steps per point) is sized to finish in about 10 minutes on the
+2-vCPU Xeon this project's figures come from.
 
 Every (devices, atoms) point is a fresh process started with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=<devices>`` (on a CPU the host is split into that many XLA
@@ -209,11 +212,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     ap.add_argument("--per-device", type=int, default=2048, choices=sorted(REPEATS),
                     help="atoms per device of the weak-scaling series (1, 2, 4 devices)")
-    ap.add_argument("--strong-atoms", type=int, default=8192, choices=sorted(REPEATS),
+    ap.add_argument("--strong-atoms", type=int, default=4096, choices=sorted(REPEATS),
                     help="atoms of the strong-scaling series (1, 2, 4 devices)")
     ap.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4])
-    ap.add_argument("--steps", type=int, default=10, help="timed steps per point")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed steps after the first")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per point")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps after the first")
     ap.add_argument("--skin", type=float, default=0.5, help="Verlet skin, Å")
     ap.add_argument("--no-jaxmd", action="store_true", help="skip the single-device jax-md baseline")
     ap.add_argument("--point-timeout", type=float, default=900.0, help="s per point before it counts as failed")
@@ -224,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--atoms", type=int, default=2048, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
+        (args.devices,) = args.devices  # one point: one device count
         if args.dtype == "float64":
             import jax
 

@@ -141,6 +141,8 @@ class DistributedMD:
             raise ValueError(f"skin must be a positive length in Å, got {skin}")
         if not np.all(atoms.pbc):
             raise ValueError(f"MD across devices needs a fully periodic structure, got pbc={atoms.pbc.tolist()}")
+        if grid is not None and (len(grid) != 3 or int(np.prod(grid)) != devices or min(grid) < 1):
+            raise ValueError(f"grid must be three positive integers whose product is devices={devices}, got {grid}")
         validate_atoms(atoms, potential.config.num_elements)
         potential.check_elements(atoms.numbers)
         ghost_exchange, _ = _dist()
@@ -152,7 +154,6 @@ class DistributedMD:
         self.masses = np.asarray(atoms.get_masses(), np.float64)
         self.cell = np.asarray(atoms.cell.array, np.float64)
         self.box_np = self.cell.T.copy()  # columns are lattice vectors (jax-md / lammps-jax convention)
-        self.grid_request = grid
         # jax_md.simulate.velocity_verlet rounds the step to float32 (``f32(dt)``) whatever the positions' dtype;
         # the same rounding here keeps a run step for step equal to the single-device jax-md one.
         self.dt = float(np.float32(float(timestep_fs) * units.fs))
@@ -170,9 +171,14 @@ class DistributedMD:
                 f"cell too small for MD across {devices} devices: its widths {np.round(widths, 2).tolist()} Å must "
                 f"all exceed 2 x (cutoff {self.cutoff} + skin {self.skin}) = {2 * (self.cutoff + self.skin):.2f} Å "
                 f"(lammps-jax: {err}); use a supercell, e.g. atoms.repeat({repeat})") from None
-        d = _min_distance(self.cell, self.frac0, self.cutoff)
+        d, receivers = _pairs(self.cell, self.frac0, self.cutoff)
         if d < MIN_DISTANCE:
             raise ValueError(f"overlapping atoms: two atoms are {d:.4f} Å apart, closer than {MIN_DISTANCE} Å")
+        # Pairs within the cutoff, per device at the start: the capacity of the compacted edge list (the edge
+        # list itself holds the pairs within cutoff + skin); it grows with the others on an overflow.
+        rank_of = ghost_exchange.pack_tiles(self.frac0.astype(self.dtype), self.config)[3]
+        per_rank = np.bincount(rank_of[receivers], minlength=self.devices) if receivers.size else np.zeros(1)
+        self.tight_edges = int(np.ceil(per_rank.max() * self.capacities.subgraph)) + 16
         self.model = Geodite(potential.config)
         self.state = potential.state(self.dtype)
         self.vacuum = potential.vacuum_energies(self.dtype) if potential.config.vacuum else None
@@ -187,7 +193,7 @@ class DistributedMD:
 
     def _build(self) -> None:
         """Capacities of the subgraph and the compiled functions for the current :attr:`config`."""
-        ghost_exchange, feature_exchange = _dist()
+        ghost_exchange, _ = _dist()
         config, box = self.config, jnp.asarray(self.box_np, self.dtype)
         cells, cell_capacity, max_neighbors, max_edges = ghost_exchange.subgraph_params(
             config, self.box_np, self.n_atoms, capacity_mult=self.capacities.subgraph)
@@ -214,30 +220,42 @@ class DistributedMD:
             misplaced = moved[0] | flags[0]
             return rows, ints, n_owned, plan, senders, receivers, edge_mask, species, leaving, overflow, misplaced
 
-        def energy(pos: jnp.ndarray, n_owned: jnp.ndarray, owned_species: jnp.ndarray, node_species: jnp.ndarray,
-                   plan: tuple, senders: jnp.ndarray, receivers: jnp.ndarray, edge_mask: jnp.ndarray
-                   ) -> jnp.ndarray:
-            """Potential energy of this device's owned atoms (``pos`` fractional; its gradient is Cartesian)."""
+        tight = self.tight_edges
+        wrap = jnp.asarray([1.0 if n == 1 else 0.0 for n in config.grid], self.dtype)  # minimum image where undivided
+        cutoff_sq = self.cutoff**2
 
-            def node_energies(dR: jnp.ndarray, mask: jnp.ndarray, species_owned: jnp.ndarray, s: jnp.ndarray,
-                              r: jnp.ndarray, exchange_nodes: Callable) -> jnp.ndarray:
-                n_rows = species_owned.shape[0]
+        def energy(pos: jnp.ndarray, n_owned: jnp.ndarray, node_species: jnp.ndarray, plan: tuple,
+                   senders: jnp.ndarray, receivers: jnp.ndarray, edge_mask: jnp.ndarray
+                   ) -> tuple[jnp.ndarray, jnp.ndarray]:
+            """(potential energy of this device's owned atoms, pairs within the cutoff); ``pos`` fractional, the
+            gradient Cartesian (``space.transform``), the ghosts' share returned by the ppermutes' transpose."""
+            n_rows = pos.shape[0]
+            nodes = ghost_exchange.exchange_apply(plan, pos, config, AXIS, unwrap=True)  # owned + ghost positions
+            frac = nodes[senders] - nodes[receivers]
+            vectors = space.transform(box, frac - jnp.round(frac) * wrap)  # Geodite's r_sender - r_receiver
+            within = edge_mask & (jnp.sum(lax.stop_gradient(vectors) ** 2, axis=-1) < cutoff_sq)
+            # The edge list holds the pairs within cutoff + skin; the model gets those within the cutoff,
+            # compacted in order (receivers stay sorted) into a static capacity; an overflow is reported.
+            count = jnp.sum(within, dtype=jnp.int32)
+            slot = jnp.where(within, jnp.cumsum(within, dtype=jnp.int32) - 1, tight)
+            pick = jnp.zeros(tight, jnp.int32).at[slot].set(jnp.arange(within.shape[0], dtype=jnp.int32), mode="drop")
+            valid = jnp.arange(tight) < count
+            pad = nodes.shape[0] - 1  # exchange_apply's last row: the pad node, no atom's
+            s, r = jnp.where(valid, senders[pick], pad), jnp.where(valid, receivers[pick], pad)
 
-                def exchange(x: jnp.ndarray) -> jnp.ndarray:  # node rows [nodes, ...]: ghosts <- owners
-                    return exchange_nodes(x[:n_rows].reshape(n_rows, -1)).reshape(x.shape)
+            def exchange(x: jnp.ndarray) -> jnp.ndarray:  # node rows [nodes, ...]: ghosts <- owners
+                return ghost_exchange.exchange_apply(plan, x[:n_rows].reshape(n_rows, -1), config,
+                                                     AXIS).reshape(x.shape)
 
-                # lammps-jax's dR is r_receiver - r_sender; Geodite's edge vector is r_sender - r_receiver.
-                e, _ = atom_energies(model, self.state, -dR, node_species, s, r, edge_mask=mask, vacuum=vacuum,
-                                     sorted_receivers=True, exchange=exchange)
-                return e[:n_rows]
-
-            return feature_exchange.ghost_energy(node_energies, pos, n_owned, owned_species, senders, receivers,
-                                                 edge_mask, plan, box, config, AXIS)
+            e, _ = atom_energies(model, self.state, vectors[pick], node_species, s, r, edge_mask=valid,
+                                 vacuum=vacuum, sorted_receivers=True, exchange=exchange)
+            return jnp.sum(jnp.where(jnp.arange(n_rows) < n_owned, e[:n_rows], 0.0)), count
 
         def forces(local: Local) -> Local:
-            e, grad = jax.value_and_grad(energy)(local.rows[:, POS], local.n_owned, local.ints[:, 0], local.species,
-                                                 local.plan, local.senders, local.receivers, local.edge_mask)
-            return local._replace(force=-grad, energy=e)
+            (e, count), grad = jax.value_and_grad(energy, has_aux=True)(
+                local.rows[:, POS], local.n_owned, local.species, local.plan, local.senders, local.receivers,
+                local.edge_mask)
+            return local._replace(force=-grad, energy=e, overflow=local.overflow | (count > tight))
 
         def do_rebuild(local: Local) -> Local:
             rows, ints, n_owned, plan, s, r, mask, species, leaving, overflow, misplaced = rebuild(
@@ -283,6 +301,13 @@ class DistributedMD:
                                             check_vma=False))
         self._block = jax.jit(jax.shard_map(block, mesh=self.mesh, in_specs=(spec, P(), P()), out_specs=spec,
                                             check_vma=False))
+
+        def evaluate(local: Local) -> Local:
+            return jax.tree_util.tree_map(lambda a: a[None], forces(jax.tree_util.tree_map(lambda a: a[0], local)))
+
+        #: ``local -> local`` with ``force`` and ``energy`` evaluated at the current rows (no step, no rebuild).
+        self.evaluate = jax.jit(jax.shard_map(evaluate, mesh=self.mesh, in_specs=(spec,), out_specs=spec,
+                                              check_vma=False))
         self.subgraph = {"cells_per_side": np.asarray(cells).tolist(), "cell_capacity": int(cell_capacity),
                          "max_neighbors": int(max_neighbors), "max_edges": int(max_edges)}
 
@@ -364,6 +389,7 @@ class DistributedMD:
         """Larger capacities (a new exchange config and subgraph; recompiles)."""
         ghost_exchange, _ = _dist()
         self.capacities = self.capacities.grown()
+        self.tight_edges = int(np.ceil(self.tight_edges * 1.4))
         self.config = ghost_exchange.create_config(self.devices, self.n_atoms, self.box_np, self.cutoff,
                                                    capacity_mult=self.capacities.exchange, grid=self.grid,
                                                    skin=self.skin)
@@ -421,13 +447,13 @@ def _widths(cell: np.ndarray) -> np.ndarray:
     return np.array([volume / np.linalg.norm(np.cross(cell[(k + 1) % 3], cell[(k + 2) % 3])) for k in range(3)])
 
 
-def _min_distance(cell: np.ndarray, frac: np.ndarray, cutoff: float) -> float:
-    """Smallest interatomic distance (minimum image; the cell is wider than 2 x cutoff), Å."""
+def _pairs(cell: np.ndarray, frac: np.ndarray, cutoff: float) -> tuple[float, np.ndarray]:
+    """(smallest interatomic distance in Å, receiver index of every pair within ``cutoff``)."""
     from ase.neighborlist import neighbor_list
 
     atoms = Atoms(numbers=np.ones(len(frac), int), scaled_positions=frac, cell=cell, pbc=True)
-    d = neighbor_list("d", atoms, min(cutoff, 1.0))
-    return float(d.min()) if d.size else float("inf")
+    i, d = neighbor_list("id", atoms, cutoff)
+    return (float(d.min()) if d.size else float("inf")), i
 
 
 def run_distributed_nve(potential: Potential, atoms: Atoms, steps: int, dt_fs: float = 1.0, devices: int = 2,
