@@ -1,16 +1,19 @@
 """One MD run spread over several JAX devices with lammps-jax's grid spatial decomposition.
 
-The decomposition is ``lammps_jax.dist`` (``lammps_jax.dist.parallel.ghost_exchange`` and
-``feature_exchange``): the periodic cell is cut into a ``(px, py, pz)`` grid of tiles in fractional space,
-one per device; each device owns the atoms in its tile and receives, by ``lax.ppermute`` rings, a one-cutoff
-(+ skin) shell of ghost atoms from its neighbours. What this module adds is only the Geodite side:
+The decomposition is ``lammps_jax.dist`` (``lammps_jax.dist.parallel.ghost_exchange``: ``pack_tiles``,
+``redistribute``, ``ghost_exchange``, ``exchange_apply``, ``ghost_exchange_subgraph``, ``needs_rebuild``): the
+periodic cell is cut into a ``(px, py, pz)`` grid of tiles in fractional space, one per device; each device
+owns the atoms in its tile and receives, by ``lax.ppermute`` rings, a one-cutoff (+ skin) shell of ghost atoms
+from its neighbours. What this module adds is only the Geodite side:
 
 * the energy is the project's one head, :func:`geodite_jax.energy.atom_energies`, on each device's subgraph
   (edges into owned atoms, from owned and ghost atoms). ``lammps_jax``'s recorded exchange plan, replayed on
   node features (``exchange_apply``), is the model's ``exchange`` hook, so the ghost rows carry their owners'
   features after node init, before every later layer and before every edge update: with a one-cutoff shell
-  the owned atoms' energies equal those of the whole system. Energies are summed on owned atoms only; the
-  forces on ghosts return to their owners through the transpose of the ppermutes (autodiff).
+  the owned atoms' energies equal those of the whole system. The model gets the pairs within the cutoff,
+  compacted each step from the edge list (which holds those within cutoff + skin). Energies are summed on
+  owned atoms only; the forces on ghosts return to their owners through the transpose of the ppermutes
+  (autodiff), as in lammps-jax's own ``feature_exchange.ghost_energy``.
 * velocity Verlet (the update of ``jax_md.simulate.nve``) on the owned rows, whose momenta and masses travel
   with their positions when ``redistribute`` migrates atoms to the device whose tile now holds them. The ghost
   plan and the edge list are rebuilt (migration, ghost exchange, cell-list subgraph) once an atom has moved
@@ -51,14 +54,14 @@ N_COLS = 7
 MAX_REGROW = 6
 
 
-def _dist():
-    """lammps_jax.dist's ghost-exchange and feature-exchange modules, or an ImportError that says how to get them."""
+def _dist() -> Any:
+    """lammps_jax.dist's ghost-exchange module, or an ImportError that says how to get it."""
     try:
-        from lammps_jax.dist.parallel import feature_exchange, ghost_exchange
+        from lammps_jax.dist.parallel import ghost_exchange
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError("MD across devices needs lammps-jax (pip install 'lammps-jax>=0.2.1', or "
                           "pip install -e '.[lammps]')") from err
-    return ghost_exchange, feature_exchange
+    return ghost_exchange
 
 
 class Local(NamedTuple):
@@ -145,7 +148,7 @@ class DistributedMD:
             raise ValueError(f"grid must be three positive integers whose product is devices={devices}, got {grid}")
         validate_atoms(atoms, potential.config.num_elements)
         potential.check_elements(atoms.numbers)
-        ghost_exchange, _ = _dist()
+        ghost_exchange = _dist()
         self.potential, self.devices, self.skin = potential, int(devices), float(skin)
         self.dtype = resolve_dtype(dtype)
         self.cutoff = float(potential.config.cutoff)
@@ -193,7 +196,7 @@ class DistributedMD:
 
     def _build(self) -> None:
         """Capacities of the subgraph and the compiled functions for the current :attr:`config`."""
-        ghost_exchange, _ = _dist()
+        ghost_exchange = _dist()
         config, box = self.config, jnp.asarray(self.box_np, self.dtype)
         cells, cell_capacity, max_neighbors, max_edges = ghost_exchange.subgraph_params(
             config, self.box_np, self.n_atoms, capacity_mult=self.capacities.subgraph)
@@ -314,7 +317,7 @@ class DistributedMD:
     # ------------------------------------------------------------------------------------------ packing
     def _pack(self, frac: np.ndarray, momenta: np.ndarray) -> Local:
         """Global arrays (fractional positions, Cartesian momenta, input order) -> the started device state."""
-        ghost_exchange, _ = _dist()
+        ghost_exchange = _dist()
         ids = np.arange(self.n_atoms)
         frac = np.asarray(frac, np.float64) % 1.0
         frac = np.where(frac >= 1.0, 0.0, frac)
@@ -387,7 +390,7 @@ class DistributedMD:
 
     def _grow(self) -> None:
         """Larger capacities (a new exchange config and subgraph; recompiles)."""
-        ghost_exchange, _ = _dist()
+        ghost_exchange = _dist()
         self.capacities = self.capacities.grown()
         self.tight_edges = int(np.ceil(self.tight_edges * 1.4))
         self.config = ghost_exchange.create_config(self.devices, self.n_atoms, self.box_np, self.cutoff,
