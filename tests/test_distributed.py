@@ -87,3 +87,24 @@ def test_cli_refuses_devices_beyond_those_present_before_loading(tmp_path, capsy
                  str(tmp_path / "out.extxyz"), "--ensemble", "nve", "--devices", str(jax.device_count() + 1)])
     err = capsys.readouterr().err
     assert code == 2 and "is more than the" in err and "no-such-model" not in err
+
+
+@pytest.mark.slow  # three compilations of the model gradient on one device
+def test_a_capacity_overflow_regrows_and_redoes_the_block():
+    """The compacted pair list made too small after the start: the block overflows, the capacities grow, the
+    block is redone from its start, and the trajectory equals a run that never overflowed."""
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(4)
+    atoms.rattle(0.05, seed=2)
+    p0 = DistributedMD.initial_momenta_for(atoms, 300.0, seed=4)
+    ref = DistributedMD(gd.Potential.init(gd.GeoditeConfig.preset("tiny"), seed=0), atoms, 1)
+    expected = ref.gather(ref.advance(ref.init(p0), 5))
+    md = DistributedMD(ref.potential, atoms, 1)
+    state = md.init(p0)
+    pairs = int(np.ceil((md.tight_edges - 16) / md.capacities.subgraph))
+    md.tight_edges = int(0.8 * pairs)  # below the pairs within the cutoff
+    md._build()
+    out = md.gather(md.advance(state, 5))
+    assert md.tight_edges > pairs and md.capacities.exchange > ref.capacities.exchange
+    delta = out["frac"] - expected["frac"]
+    np.testing.assert_allclose(delta - np.round(delta), 0.0, atol=1e-12)
+    np.testing.assert_allclose(out["momenta"], expected["momenta"], atol=1e-10)
