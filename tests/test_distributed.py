@@ -42,6 +42,7 @@ def _check(*args: str, timeout: int) -> list[dict]:
     return rows
 
 
+@pytest.mark.slow  # ~40 s (a subprocess with two host devices, two compilations); the default suite is near 15 min
 def test_two_devices_follow_the_jaxmd_trajectory(tiny, tmp_path):
     """108 Cu atoms on a 1x1x2 grid, 10 steps of 2 fs from 1500 K with a 0.1 Å skin: positions equal the
     single-device jax-md NVE run to 1e-8 Å, and atoms migrated between the two devices on the way. (The
