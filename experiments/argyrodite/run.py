@@ -40,8 +40,8 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from geodite_jax.benchmarks import trajectory as mda  # noqa: E402
 from geodite_jax.benchmarks import shared_data_dir, write_tables  # noqa: E402
+from geodite_jax.benchmarks import trajectory as mda  # noqa: E402
 
 STAGES = ("label", "train", "md", "analyse")
 DATA_NAME = "argyrodite-Li6PS5Cl-aimd"
