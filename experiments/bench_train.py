@@ -70,6 +70,8 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=240)
     ap.add_argument("--steps", type=int, default=10, help="timed steps after the compile")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    ap.add_argument("--buckets", type=int, default=None,
+                    help="padded batch shapes (TrainConfig.batch_buckets; default the config's, 1: one full budget)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
     os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads=2")
@@ -86,6 +88,8 @@ def main() -> None:
     from geodite_jax.training.sharding import make_mesh, put_batch, replicate
 
     cfg = TrainConfig(preset=args.preset, batch_size=args.batch_size, dtype=args.dtype)
+    if args.buckets is not None:
+        cfg = cfg.replace(batch_buckets=args.buckets)
     dtype = resolve_dtype(cfg.dtype)  # float64 switches JAX to 64-bit mode before anything is built
     model_config = cfg.model_config()
     t0 = time.perf_counter()
@@ -98,41 +102,52 @@ def main() -> None:
     budget = budget_for(ds, args.batch_size)
     step, state, consts = build_train_step(pot, cfg, mesh, loss_norms(pot, stats), total_steps=100_000)
     key = replicate(jax.random.PRNGKey(0), mesh)
-    batches = [put_batch(b, mesh, dtype) for _, b in zip(range(args.steps + 1), iterate_batches(
-        ds, None, budget, shuffle=True, seed=0, epoch=0, num_shards=devices), strict=False)]
+    host_batches = [b for _, b in zip(range(args.steps), iterate_batches(
+        ds, None, budget, shuffle=True, seed=0, epoch=0, num_shards=devices, buckets=cfg.batch_buckets),
+        strict=False)]
+    batches = [put_batch(b, mesh, dtype) for b in host_batches]
+    edges_real = float(np.mean([np.asarray(b.graph.n_edge)[..., :-1].sum() for b in host_batches]))
+    edges_padded = float(np.mean([b.graph.senders.size for b in host_batches]))
+    shapes = sorted({b.graph.senders.shape[-1] for b in host_batches})
+    # Compile every padded shape of the timed steps first (one step on the first batch of each shape).
     t0 = time.perf_counter()
-    state, metrics = step(state, batches[0], consts, key)
-    jax.block_until_ready(metrics)
+    for n_edge in shapes:
+        state, metrics = step(state, next(b for b in batches if b.graph.senders.shape[-1] == n_edge), consts, key)
+        jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - t0
     structures = atoms = 0
     t0 = time.perf_counter()
-    for b in batches[1:]:
+    for b in batches:
         state, metrics = step(state, b, consts, key)
         structures += int(np.asarray(b.energy_weight).sum())
         atoms += int(np.asarray(b.forces_weight).sum())
     jax.block_until_ready(metrics)
     seconds = time.perf_counter() - t0
-    n = len(batches) - 1
+    n = len(batches)
     result = {
         "date": datetime.date.today().isoformat(), "machine": _machine(), "devices": [str(d) for d in jax.devices()],
         "versions": {"geodite_jax": geodite_jax.__version__, "jax": jax.__version__},
         "preset": args.preset, "params": pot.num_params, "dtype": args.dtype, "structures_per_device_step":
         args.batch_size, "budget": budget._asdict(), "mean_atoms_per_frame": float(np.mean(ds.n_atoms)),
         "mean_neighbours": float(ds.stats.mean_neighbours), "preprocess_s": prep, "compile_s": compile_s,
+        "batch_buckets": cfg.batch_buckets, "edge_shapes": shapes, "mean_real_edges": edges_real,
+        "mean_padded_edges": edges_padded,
         "steps": n, "s_per_step": seconds / n, "structures_per_s": structures / seconds, "atoms_per_s": atoms / seconds,
         "projected_mptrj_epoch_h": MPTRJ_TRAIN_FRAMES / (structures / seconds) / 3600,
     }
     print(json.dumps(result, indent=1))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"bench_train_{result['date']}_{args.preset}_{jax.devices()[0].platform}"
+    stem = f"bench_train_{result['date']}_{args.preset}_{jax.devices()[0].platform}_buckets{cfg.batch_buckets}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     (out / f"{stem}.md").write_text(
         f"# Training throughput, {args.preset} preset ({pot.num_params:,} parameters), {args.dtype}\n\n"
         f"{result['date']}, {result['machine']}, {len(result['devices'])} device(s) ({result['devices'][0]}), "
-        f"jax {jax.__version__}\n\n| structures/step/device | mean atoms | s/step | structures/s | atoms/s | "
-        f"compile s | projected MPtrj epoch (1.42 M frames) |\n|---|---|---|---|---|---|---|\n"
-        f"| {args.batch_size} | {result['mean_atoms_per_frame']:.1f} | {result['s_per_step']:.3f} | "
+        f"jax {jax.__version__}\n\n| structures/step/device | mean atoms | batch shapes | edges real / padded | "
+        f"s/step | structures/s | atoms/s | compile s (all shapes) | projected MPtrj epoch (1.42 M frames) |\n"
+        f"|---|---|---|---|---|---|---|---|---|\n"
+        f"| {args.batch_size} | {result['mean_atoms_per_frame']:.1f} | {len(shapes)} of {cfg.batch_buckets} | "
+        f"{edges_real:.0f} / {edges_padded:.0f} | {result['s_per_step']:.3f} | "
         f"{result['structures_per_s']:.2f} | {result['atoms_per_s']:.0f} | {compile_s:.0f} | "
         f"{result['projected_mptrj_epoch_h']:.1f} h |\n")
 

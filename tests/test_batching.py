@@ -218,3 +218,50 @@ def test_prefetch():
         time.sleep(0.01)
     assert threading.active_count() == before
     assert len(produced) <= 5 + 2 + 2  # bounded read-ahead
+
+
+def test_bucketed_batches(ds, tiny):
+    """``buckets=K``: the same plan, each step padded to the smallest of K budgets that holds it, and the same
+    energies, forces and stress as with the full budget."""
+    budget = budget_for(ds, 6)
+    ladder = budget.ladder(4)
+    assert ladder[-1] == budget and budget.ladder(1) == (budget,) and len(ladder) >= 2
+    assert all(a.n_node <= b.n_node and a.n_edge < b.n_edge for a, b in zip(ladder, ladder[1:], strict=False))
+    assert all(b.n_node % 8 == 0 and b.n_edge % 64 == 0 and b.n_graph == budget.n_graph for b in ladder[:-1])
+    with pytest.raises(ValueError, match="levels >= 1"):
+        budget.ladder(0)
+    full = list(iterate_batches(ds, None, budget, seed=1, epoch=3))
+    bucketed = list(iterate_batches(ds, None, budget, seed=1, epoch=3, buckets=4))
+    assert len(bucketed) == len(full)
+    shapes = set()
+    for a, b in zip(full, bucketed, strict=True):
+        np.testing.assert_array_equal(a.indices, b.indices)
+        n, e = int(a.graph.n_node[:-1].sum()), int(a.graph.n_edge[:-1].sum())
+        size = next(lv for lv in ladder if lv.n_edge == b.graph.senders.shape[0])
+        assert size.fits(n, e, _real_graphs(a)) and b.graph.nodes["positions"].shape[0] == size.n_node
+        smaller = [lv for lv in ladder if lv.n_edge < size.n_edge]
+        assert not any(lv.fits(n, e) for lv in smaller)  # the smallest level that holds it
+        np.testing.assert_array_equal(a.graph.senders[:e], b.graph.senders[:e])
+        np.testing.assert_array_equal(a.graph.nodes["positions"][:n], b.graph.nodes["positions"][:n])
+        for name in ("energy", "stress", "energy_weight", "stress_weight"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+        np.testing.assert_array_equal(a.forces[:n], b.forces[:n])
+        assert not b.forces_weight[n:].any()
+        shapes.add(size)
+    assert len(shapes) >= 2  # the point: smaller batches get smaller shapes
+    for step in iterate_batches(ds, None, budget, seed=1, epoch=3, num_shards=3, buckets=4):  # one shape a step
+        real_n = max(int(step.graph.n_node[k, :-1].sum()) for k in range(3))
+        real_e = max(int(step.graph.n_edge[k, :-1].sum()) for k in range(3))
+        size = next(lv for lv in ladder if lv.n_edge == step.graph.senders.shape[1])
+        assert size.fits(real_n, real_e)
+        assert not any(lv.fits(real_n, real_e) for lv in ladder if lv.n_edge < size.n_edge)
+
+    predict = jax.jit(gd.make_predict_fn(tiny.config))
+    state = tiny.state(jnp.float64)
+    k = next(i for i, b in enumerate(bucketed) if b.graph.senders.shape[0] < budget.n_edge)
+    outs = [jax.tree_util.tree_map(np.asarray, predict(state, jax.tree_util.tree_map(jnp.asarray, b.graph)))
+            for b in (full[k], bucketed[k])]
+    n = int(full[k].graph.n_node[:-1].sum())
+    np.testing.assert_allclose(outs[0]["energy"], outs[1]["energy"], atol=1e-9)
+    np.testing.assert_allclose(outs[0]["forces"][:n], outs[1]["forces"][:n], atol=1e-9)
+    np.testing.assert_allclose(outs[0]["stress"], outs[1]["stress"], atol=1e-11)

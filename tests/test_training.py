@@ -354,3 +354,35 @@ def test_missing_labels_are_errors_naming_the_keys_found_and_the_option(tmp_path
     cfg = TrainConfig(train=str(partial), out=str(tmp_path / "e"), **small)
     assert check_labels(open_dataset(cfg.train, cfg, 5.0, 100, tmp_path / "cache"), cfg) == [
         "5 of 20 training frames have no forces label (key 'forces'); they are trained without it"]
+
+
+@pytest.mark.slow  # ~40 s: several padded shapes compiled for the step and the validation
+def test_bucketed_run_resumes_exactly_and_matches_the_padded_run(reference_run, tmp_path, monkeypatch):
+    """Steps padded to a few shapes (``batch_buckets``) train the same weights as steps padded to the full budget,
+    and a killed bucketed run resumes to them too."""
+    import geodite_jax.training.trainer as trainer_module
+    from geodite_jax.data import iterate_batches
+
+    monkeypatch.setattr(trainer_module, "MIN_STEPS_FOR_BUCKETS", 1)
+    cfg = TrainConfig.from_dict({**SMALL, "out": str(tmp_path), "checkpoint_every_steps": 3, "batch_buckets": 3})
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_5(trainer, metrics):
+        if trainer.step >= 5:
+            raise Killed
+
+    first = Trainer(cfg, hooks=[kill_at_5])
+    assert first.buckets == 3
+    shapes = {b.graph.senders.shape for e in range(SMALL["epochs"]) for b in iterate_batches(
+        first.data.train, first.train_indices, first.budget, seed=cfg.seed, epoch=e, num_shards=first.num_shards,
+        buckets=3)}
+    assert len(shapes) >= 2  # the run really pads to several shapes
+    with pytest.raises(Killed):
+        first.run()
+    resumed = Trainer(cfg).run(resume=True)
+    assert resumed.steps == reference_run.steps
+    for a, b in zip(jax.tree_util.tree_leaves(reference_run.potential.params),
+                    jax.tree_util.tree_leaves(resumed.potential.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)

@@ -27,6 +27,7 @@ _FIELD_FLAGS: dict[str, tuple[type, str]] = {
     "max_steps": (int, "stop after this many steps (0: no cap)"),
     "max_minutes": (float, "stop after this many minutes (0: no cap)"),
     "batch_size": (int, "structures per device per step"),
+    "batch_buckets": (int, "padded batch shapes (one compilation each; 1: every step padded to the full budget)"),
     "lr": (float, "peak learning rate"),
     "seed": (int, "random seed (init, splits, shuffling, dropout)"),
     "dtype": (str, "float32 or float64"),

@@ -9,6 +9,7 @@ from .batching import (
     BatchBudget,
     budget_for,
     collate,
+    fitting_budget,
     iterate_batches,
     num_batches,
     plan_batches,
@@ -25,7 +26,7 @@ from .store import GraphDataset, preprocess
 
 __all__ = [
     "FILE_FORMATS", "Batch", "BatchBudget", "DatasetStats", "Frame", "GraphDataset", "budget_for", "collate",
-    "compute_stats", "detect_format", "fit_element_energies", "generate_emt_frames", "iterate_batches",
-    "kbar_to_ase_stress", "mlearn_voigt_to_3x3", "num_batches", "plan_batches", "prefetch", "preprocess",
-    "read_frames", "split_frames", "split_indices", "stack_batches", "structure_from_pymatgen",
+    "compute_stats", "detect_format", "fit_element_energies", "fitting_budget", "generate_emt_frames",
+    "iterate_batches", "kbar_to_ase_stress", "mlearn_voigt_to_3x3", "num_batches", "plan_batches", "prefetch",
+    "preprocess", "read_frames", "split_frames", "split_indices", "stack_batches", "structure_from_pymatgen",
 ]

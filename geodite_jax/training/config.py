@@ -73,6 +73,10 @@ class TrainConfig:
     ema_decay: float = 0.995
     # batches and run length
     batch_size: int = 6  # structures per device per step (typical; the node/edge budget is sized for it)
+    # padded shapes per run: each step is padded to the smallest of this many budgets that holds it (one
+    # compilation each); 1 = every step padded to the full budget. Runs shorter than
+    # trainer.MIN_STEPS_FOR_BUCKETS steps use 1 (the compilations would cost more than the padding saves).
+    batch_buckets: int = 4
     epochs: int = 100
     max_steps: int = 0  # 0 = no cap
     max_minutes: float = 0.0  # 0 = no cap; stops after the step that passes it and saves
@@ -98,6 +102,7 @@ class TrainConfig:
             (0.0 <= self.valid_fraction < 1 and 0.0 <= self.test_fraction < 1
              and self.valid_fraction + self.test_fraction < 1, "valid_fraction + test_fraction must be in [0, 1)"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.batch_buckets >= 1, f"batch_buckets must be >= 1, got {self.batch_buckets}"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.lr > 0 and self.lr_start >= 0, "lr must be > 0 and lr_start >= 0"),
             (0.0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}"),

@@ -49,6 +49,11 @@ from .rundir import prepare_run_directory, truncate_log
 from .sharding import host_copy, make_mesh, put_batch, replicate
 from .step import TrainState, compiled_train_step, initial_train_state
 
+#: Runs of fewer steps pad every step to the full budget (``TrainConfig.batch_buckets`` is used from here on):
+#: each extra padded shape is a compilation (~10 s for a small model, ~25 s for Geodite-MP on a CPU), which a
+#: short run does not earn back.
+MIN_STEPS_FOR_BUCKETS = 1000
+
 
 @dataclasses.dataclass
 class TrainResult:
@@ -101,6 +106,8 @@ class Trainer:
         # Packing follows the shuffled order, so epochs differ by ~1 % in length: the schedule's length is
         # epoch 0's count times the number of epochs (an estimate; the run ends when the epochs do).
         self.total_steps = self.steps_per_epoch * cfg.epochs
+        # Each padded shape is a compilation: only a run long enough to earn it back uses several.
+        self.buckets = cfg.batch_buckets if self.total_steps >= MIN_STEPS_FOR_BUCKETS else 1
         self.optimizer, self.schedule = make_optimizer(cfg, self.total_steps)
         self.consts = self.potential.state(self.dtype).replace(params=None)
         self.step_fn = compiled_train_step(self.config, cfg, self.norms, self.total_steps, self.mesh)
@@ -175,7 +182,8 @@ class Trainer:
                    "stress": self.cfg.stress_weight}
         sums_total: dict[str, float] = {}
         count_total: dict[str, float] = {}
-        for batch in iterate_batches(ds, np.arange(len(ds)), self.budget, shuffle=False):
+        for batch in iterate_batches(ds, np.arange(len(ds)), self.budget, shuffle=False,
+                                     buckets=self.buckets):
             dev = as_dtype(batch, self.dtype)
             pred = self.predict(model_state, dev.graph)
             sums = jax.device_get(loss_sums(pred, dev, self.norms, self.cfg.loss, self.cfg.huber_delta))
@@ -221,7 +229,7 @@ class Trainer:
             while self.epoch < cfg.epochs and not stop:
                 batches = iterate_batches(self.data.train, self.train_indices, self.budget, shuffle=True,
                                           seed=cfg.seed, epoch=self.epoch, num_shards=self.num_shards,
-                                          start=self.batch_in_epoch)
+                                          start=self.batch_in_epoch, buckets=self.buckets)
                 epoch_steps = num_batches(self.data.train, self.train_indices, self.budget, shuffle=True,
                                           seed=cfg.seed, epoch=self.epoch, num_shards=self.num_shards)
                 window: list[dict] = []
