@@ -21,6 +21,7 @@ renamed to ``path``; every leftover sibling of ``path`` is then deleted. One wri
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import sys
@@ -99,15 +100,30 @@ def _closed_loop_callback(unraisable: Any) -> bool:
     return False
 
 
+class _UnretrievedReadErrors(logging.Filter):
+    """Drops asyncio's "Task/Future exception was never retrieved" records of failed tensorstore reads."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        unretrieved = str(record.msg).startswith(("Task exception was never retrieved",
+                                                  "Future exception was never retrieved"))
+        return not (unretrieved and isinstance(exc, ValueError) and "tensorstore_spec" in str(exc))
+
+
 def quiet_failed_orbax_reads() -> None:
     """Drop the asyncio noise that follows a failed orbax read; idempotent, process-wide.
 
     When a restore fails (e.g. a truncated chunk), orbax closes its event loop while tensorstore reads of
-    other arrays are still in flight; each of them then completes into ``loop.call_soon_threadsafe`` on the
-    closed loop, and Python prints a ``RuntimeError('Event loop is closed')`` traceback per array through
-    ``sys.unraisablehook``, after the real error has been reported. Exactly those records are dropped here;
-    every other unraisable exception goes to the previous hook.
+    other arrays are still in flight. Each of them then either completes into ``loop.call_soon_threadsafe``
+    on the closed loop (Python prints a ``RuntimeError('Event loop is closed')`` traceback through
+    ``sys.unraisablehook``) or leaves its own read error in a task nobody awaits (asyncio logs "Task exception
+    was never retrieved" when it is collected): one traceback per array, after the real error has been
+    reported. Exactly those records are dropped here; every other unraisable exception goes to the previous
+    hook and every other asyncio record is logged.
     """
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _UnretrievedReadErrors) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_UnretrievedReadErrors())
     if getattr(sys.unraisablehook, "_geodite_filter", False):
         return
     previous = sys.unraisablehook
