@@ -18,7 +18,7 @@ from .step import TrainState, build_train_step, make_train_step
 from .trainer import Trainer, TrainResult, train
 
 # The README's main job (`geodite train` without --config): a small Geodite on the generated EMT set,
-# about eight minutes on 2 CPU cores. configs/emt-demo.yaml holds the same recipe (a test checks they agree).
+# about seven minutes on 2 CPU cores. configs/emt-demo.yaml holds the same recipe (a test checks they agree).
 DEMO_RECIPE: dict = {
     "train": "emt", "emt_frames": 1200, "valid_fraction": 0.1, "test_fraction": 0.1,
     "preset": "tiny", "model": {"attention_dropout": 0.0},
