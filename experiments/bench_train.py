@@ -8,6 +8,7 @@ gradient (double backward), ZClip, AdamW and the EMA, padded to one fixed budget
 
     python experiments/bench_train.py                 # mp preset, 6 structures per step, CPU or GPU
     python experiments/bench_train.py --preset tiny --steps 20
+    python experiments/bench_train.py --paired        # also each step padded to the full budget: the ratio
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=240)
     ap.add_argument("--steps", type=int, default=10, help="timed steps after the compile")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    ap.add_argument("--paired", action="store_true",
+                    help="also time every step padded to the full budget, alternating with the bucketed one (ratio)")
     ap.add_argument("--buckets", type=int, default=None,
                     help="padded batch shapes (TrainConfig.batch_buckets; default the config's, 1: one full budget)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
@@ -124,6 +127,23 @@ def main() -> None:
     jax.block_until_ready(metrics)
     seconds = time.perf_counter() - t0
     n = len(batches)
+    paired = None
+    if args.paired:  # the same steps padded to the full budget, timed alternately: a ratio robust to drift
+        full = [put_batch(b, mesh, dtype) for _, b in zip(range(args.steps), iterate_batches(
+            ds, None, budget, shuffle=True, seed=0, epoch=0, num_shards=devices), strict=False)]
+        state, metrics = step(state, full[0], consts, key)
+        jax.block_until_ready(metrics)
+        times: dict[str, list[float]] = {"bucketed": [], "full": []}
+        for k, (b, f) in enumerate(zip(batches, full, strict=True)):
+            for name, batch in (("bucketed", b), ("full", f)) if k % 2 == 0 else (("full", f), ("bucketed", b)):
+                t1 = time.perf_counter()
+                state, metrics = step(state, batch, consts, key)
+                jax.block_until_ready(metrics)
+                times[name].append(time.perf_counter() - t1)
+        ratios = [f / b for b, f in zip(times["bucketed"], times["full"], strict=True)]
+        paired = {"bucketed_s_per_step": float(np.mean(times["bucketed"])), "full_s_per_step":
+                  float(np.mean(times["full"])), "speedup_median": float(np.median(ratios)),
+                  "speedup_min": float(min(ratios)), "speedup_max": float(max(ratios))}
     result = {
         "date": datetime.date.today().isoformat(), "machine": _machine(), "devices": [str(d) for d in jax.devices()],
         "versions": {"geodite_jax": geodite_jax.__version__, "jax": jax.__version__},
@@ -133,7 +153,7 @@ def main() -> None:
         "batch_buckets": cfg.batch_buckets, "edge_shapes": shapes, "mean_real_edges": edges_real,
         "mean_padded_edges": edges_padded,
         "steps": n, "s_per_step": seconds / n, "structures_per_s": structures / seconds, "atoms_per_s": atoms / seconds,
-        "projected_mptrj_epoch_h": MPTRJ_TRAIN_FRAMES / (structures / seconds) / 3600,
+        "projected_mptrj_epoch_h": MPTRJ_TRAIN_FRAMES / (structures / seconds) / 3600, "paired": paired,
     }
     print(json.dumps(result, indent=1))
     out = Path(args.out)
@@ -149,7 +169,11 @@ def main() -> None:
         f"| {args.batch_size} | {result['mean_atoms_per_frame']:.1f} | {len(shapes)} of {cfg.batch_buckets} | "
         f"{edges_real:.0f} / {edges_padded:.0f} | {result['s_per_step']:.3f} | "
         f"{result['structures_per_s']:.2f} | {result['atoms_per_s']:.0f} | {compile_s:.0f} | "
-        f"{result['projected_mptrj_epoch_h']:.1f} h |\n")
+        f"{result['projected_mptrj_epoch_h']:.1f} h |\n" + ("" if paired is None else
+        f"\nPaired (each step also padded to the full budget, the two timed alternately): bucketed "
+        f"{paired['bucketed_s_per_step']:.3f} s/step, full budget {paired['full_s_per_step']:.3f} s/step, speed-up "
+        f"{paired['speedup_median']:.2f}x (median of the per-step ratios; {paired['speedup_min']:.2f}-"
+        f"{paired['speedup_max']:.2f})\n"))
 
 
 def _machine() -> str:
