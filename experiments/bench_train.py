@@ -4,7 +4,8 @@ MPtrj itself cannot be downloaded here, so the batches are MPtrj-like: rattled a
 common MPtrj prototypes (rocksalt, fluorite, perovskite, spinel-like supercells, elemental metals) with the
 size distribution of MPtrj (mean ≈ 31 atoms per frame), random elements, cutoff of the preset. Labels are
 random (speed only). Each step is the real training step: energy, forces and stress, their parameter
-gradient (double backward), ZClip, AdamW and the EMA, padded to one fixed budget.
+gradient (double backward), ZClip, AdamW and the EMA, each step padded to the smallest of the config's
+``batch_buckets`` budgets that holds it (``--buckets 1``: one full budget), every shape compiled before timing.
 
     python experiments/bench_train.py                 # mp preset, 6 structures per step, CPU or GPU
     python experiments/bench_train.py --preset tiny --steps 20

@@ -76,7 +76,7 @@ class BatchBudget(NamedTuple):
 def fitting_budget(ladder: Sequence[BatchBudget], n_atoms: int, n_edges: int) -> BatchBudget:
     """The smallest budget of ``ladder`` (smallest first) that holds ``n_atoms`` atoms and ``n_edges`` edges
     (graph slots are the same on every level); the last one if none is smaller."""
-    return next((b for b in ladder if n_atoms + 1 <= b.n_node and n_edges <= b.n_edge), ladder[-1])
+    return next((b for b in ladder if b.fits(n_atoms, n_edges)), ladder[-1])
 
 
 def _round_up(x: float, multiple: int) -> int:
