@@ -8,8 +8,8 @@ pass). Two calls run under ``jax.profiler``; every XLA op event of the trace is 
 instruction, whose metadata names the JAX source op (``op_name``). From that:
 
 * block: the model's named scopes (``neighbour_sums``, ``edge_features``, ``messages``, ``edge_update``:
-  the chunked edge work) or the Flax module around the op (geometry, norms and node projections,
-  coupling, ZBL, ...);
+  the chunked edge work; ``fused kernels``: the whole-graph sender contractions of ``geodite_jax.fused``)
+  or the Flax module around the op (geometry, norms and node projections, coupling, ZBL, ...);
 * pass: ``backward`` for ops under ``transpose(...)`` (the VJP), ``recompute`` for the forward re-run
   of a checkpointed chunk inside the backward pass, ``forward`` otherwise;
 * kind: ``matmul`` (dot/GEMM ops and fusions around them), ``gather/scatter`` (gather, scatter,
@@ -32,7 +32,10 @@ import time
 from pathlib import Path
 
 STRUCTURES = {"nacl": ("NaCl", "rocksalt", 5.64, 3), "cu": ("Cu", "fcc", 3.61, 4), "si": ("Si", "diamond", 5.431, 5)}
-BLOCK_SCOPES = ("neighbour_sums", "edge_features", "messages", "edge_update")
+BLOCK_SCOPES = ("neighbour_sums", "edge_features", "scalar_messages", "messages", "edge_update_fused", "edge_update",
+                "fused_kernels")
+# The fused path's chunks count with their block; its whole-graph kernel calls (geodite_jax.fused) are a block.
+BLOCK_LABELS = {"scalar_messages": "messages", "edge_update_fused": "edge_update", "fused_kernels": "fused kernels"}
 MODULE_BLOCKS = (("geometry", "geometry"), ("node_init", "node init (node part)"), ("coupling", "coupling"),
                  ("interaction", "norm + node projections"), ("zbl", "ZBL"))
 
@@ -77,6 +80,7 @@ def classify_instructions(hlo_text: str) -> dict[str, tuple[str, str, str]]:
         else:
             stage = "forward"
         block = next((s for s in BLOCK_SCOPES if f"/{s}" in op_name or op_name.startswith(s)), None)
+        block = BLOCK_LABELS.get(block, block)
         if block is None:
             block = next((label for key, label in MODULE_BLOCKS if key in op_name.lower()),
                          "other (head, strain, gathers of positions)")

@@ -128,7 +128,8 @@ def edge_vectors(positions: jnp.ndarray, cell: jnp.ndarray, graph: jraph.GraphsT
 
 
 def make_energy_fn(config: GeoditeConfig, sorted_receivers: bool = True, neighbours_per_node: int | None = None,
-                   chunk_edges: int | None = None) -> Callable[..., tuple[jnp.ndarray, dict]]:
+                   chunk_edges: int | None = None,
+                   fused: bool | None = None) -> Callable[..., tuple[jnp.ndarray, dict]]:
     """``fn(state, positions [N, 3], cell [G, 3, 3], graph, vacuum=None, dropout_rng=None) -> (E_total, aux)``,
     differentiable in positions, cell and ``state`` (a :class:`PotentialState`); with a ``dropout_rng`` the
     attention dropout is on (training).
@@ -136,10 +137,11 @@ def make_energy_fn(config: GeoditeConfig, sorted_receivers: bool = True, neighbo
     ``sorted_receivers``: the graph's receivers are non-decreasing (as :func:`batch_graphs` makes them).
     ``neighbours_per_node``: the graph uses the block layout of ``batch_graphs(..., neighbours_per_node=M)``.
     ``chunk_edges``: edge slots per chunk of receiver nodes in the block layout (see :class:`Geodite`).
+    ``fused``: the fused CPU kernels (see :class:`Geodite`; None: where available and within budget).
 
     ``aux`` holds ``node_energies [N]`` (zero on padding), ``energy [G]`` and the unscaled components.
     """
-    model = Geodite(config, chunk_edges)
+    model = Geodite(config, chunk_edges, fused)
 
     def fn(state: PotentialState, positions: jnp.ndarray, cell: jnp.ndarray, graph: jraph.GraphsTuple,
            vacuum: jnp.ndarray | None = None, dropout_rng: jax.Array | None = None) -> tuple[jnp.ndarray, dict]:
@@ -160,14 +162,14 @@ def make_energy_fn(config: GeoditeConfig, sorted_receivers: bool = True, neighbo
 
 
 def make_predict_fn(config: GeoditeConfig, sorted_receivers: bool = True, neighbours_per_node: int | None = None,
-                    chunk_edges: int | None = None) -> Callable[..., dict[str, jnp.ndarray]]:
+                    chunk_edges: int | None = None, fused: bool | None = None) -> Callable[..., dict[str, jnp.ndarray]]:
     """``predict(state, graph, vacuum=None, dropout_rng=None) -> {"energy" [G], "forces" [N, 3], "stress"
     [G, 3, 3], "virial" [G, 3, 3], "node_energies" [N], ...}``.
 
     One autodiff pass gives forces and the strain derivative (:func:`strain_derivatives`); stress is NaN for
     graphs without volume (molecules). Not jitted: wrap it in ``jax.jit``.
     """
-    energy_fn = make_energy_fn(config, sorted_receivers, neighbours_per_node, chunk_edges)
+    energy_fn = make_energy_fn(config, sorted_receivers, neighbours_per_node, chunk_edges, fused)
 
     def predict(state: PotentialState, graph: jraph.GraphsTuple, vacuum: jnp.ndarray | None = None,
                 dropout_rng: jax.Array | None = None) -> dict[str, jnp.ndarray]:

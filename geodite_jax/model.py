@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import fused as fused_kernels
 from .config import GeoditeConfig
 from .edges import Edges, chunk_nodes, default_chunk_edges, pad_vector
 from .elements import COVALENT_RADII
@@ -159,8 +160,40 @@ class Interaction(nn.Module):
                 return ec.aggregate(o_s), sum_x
             return ec.aggregate(o_s), ec.aggregate(o_d[:, None, :] * sh_c[:, :, None] + o_x[:, None, :] * x_j)
 
+        def scalar_messages(ec: Edges, q_c: jnp.ndarray, t_c: jnp.ndarray, sh_c: jnp.ndarray,
+                            *keep_c: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+            """The fused path's chunk: ``Σ o_s [C, F]``, ``Σ o_d Y [C, 8, F]`` and the sender weights ``o_x [C·M, F]``.
+
+            The same numbers as ``messages``, with every edge array computed in its own piece: slices of
+            edge arrays would become zero-padded ``[C·M, 6F]`` cotangents in the backward pass.
+            """
+            n_e, c, m = t_c.shape[0], ec.num_nodes, ec.block
+            a = jax.nn.silu(t_c @ w_a)
+            qka = (ec.at_receivers(q_c) * ec.at_senders(k) * a).reshape(n_e, heads, f // heads).sum(-1)
+            alpha = jax.nn.silu(qka) / math.sqrt(f)
+            if keep_c:
+                alpha = alpha * keep_c[0]
+            # Part p of o = v_j (attention of the head that owns each channel) + filter ⊙ x_j.
+            o_parts = [ec.at_senders(v_parts[p]) * (alpha @ head_of[p])
+                       + (t_c @ w_f_parts[p]) * ec.at_senders(x_parts[p]) for p in range(3)]
+            o_s, o_d, o_x = o_parts
+            sum_d = jnp.einsum("cjf,cjs->csf", o_d.reshape(c, m, f), sh_c.reshape(c, m, 8))
+            return ec.aggregate(o_s), sum_d, o_x
+
         edge_local = (t, sh) if keep is None else (t, sh, keep)
-        sum_s, sum_x = edges.map_chunks(messages, (q,), edge_local)
+        if edges.fused_messages:  # Σ_j o_x X_j by the kernel over the whole graph: no [E, 8, F] gather or scatter
+            v_parts = jnp.split(vx[:, :3 * f], 3, axis=1)
+            x_parts = jnp.split(vx[:, 3 * f:], 3, axis=1)
+            w_f_parts = jnp.split(w_f, 3, axis=1)
+            # head_of[p] [H, F]: one-hot of the head that owns channel p·F + c of the 3F attended values.
+            owner = np.arange(3 * f) // (3 * f // heads)
+            head_of = [jnp.asarray(np.arange(heads)[:, None] == owner[None, p * f:(p + 1) * f], t.dtype)
+                       for p in range(3)]
+            sum_s, sum_d, o_x = edges.map_chunks(scalar_messages, (q,), edge_local)
+            with jax.named_scope("fused_kernels"):
+                sum_x = sum_d + fused_kernels.gather_sum(o_x, x_st, edges.senders, edges.block)
+        else:
+            sum_s, sum_x = edges.map_chunks(messages, (q,), edge_local)
         # 8. Density-normalised aggregation.
         inv_density = 1.0 / (1.0 + edges.aggregate(soft_neighbour_terms(phi / cfg.num_rbf, w_density)))
         h = h + sum_s * inv_density[:, None]
@@ -188,6 +221,13 @@ class Interaction(nn.Module):
         q_nodes = x_st @ w_qv  # [N, 8, Fe]
         k_nodes = jnp.concatenate([x_st[:, L1] @ w_k1, x_st[:, L2] @ w_k2], axis=1)
 
+        def finish(t_c: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
+            """Layer norm of the inner products ``w [C·M, Fe]``, gated by the MLP of ``t_c``: the new ``t``."""
+            mean = w.mean(-1, keepdims=True)
+            var = ((w - mean) ** 2).mean(-1, keepdims=True)
+            w = (w - mean) * jax.lax.rsqrt(var + 1e-5) * ln_scale + ln_bias
+            return t_c + jax.nn.silu(jax.nn.silu(t_c @ w_t1) @ w_t2) * (w @ w_w)
+
         def edge_update(ec: Edges, q_c: jnp.ndarray, t_c: jnp.ndarray, sh_c: jnp.ndarray) -> tuple[jnp.ndarray]:
             q_i = ec.at_receivers(q_c)  # [C·M, 8, Fe]
             k_j = ec.at_senders(k_nodes)
@@ -195,11 +235,22 @@ class Interaction(nn.Module):
             s_q = sh_c[:, :, None] * q_i
             s_k = sh_c[:, :, None] * k_j
             w = ((q_i * k_j).sum(1) - s_q[:, L1].sum(1) * s_k[:, L1].sum(1) - s_q[:, L2].sum(1) * s_k[:, L2].sum(1))
-            mean = w.mean(-1, keepdims=True)
-            var = ((w - mean) ** 2).mean(-1, keepdims=True)
-            w = (w - mean) * jax.lax.rsqrt(var + 1e-5) * ln_scale + ln_bias
-            return (t_c + jax.nn.silu(jax.nn.silu(t_c @ w_t1) @ w_t2) * (w @ w_w),)
+            return (finish(t_c, w),)
 
+        def edge_update_fused(ec: Edges, q_c: jnp.ndarray, t_c: jnp.ndarray, sh_c: jnp.ndarray, qk: jnp.ndarray,
+                              yk: jnp.ndarray) -> tuple[jnp.ndarray]:
+            # qk = Q_i·K_j [C·M, Fe] and yk = (Y_L·K_j) [C·M, 2, Fe] came from the kernels; Y_L·Q_i needs no gather.
+            c, m = ec.num_nodes, ec.block
+            y = sh_c.reshape(c, m, 8)
+            yq1 = jnp.einsum("cms,csf->cmf", y[..., L1], q_c[:, L1]).reshape(c * m, fe)
+            yq2 = jnp.einsum("cms,csf->cmf", y[..., L2], q_c[:, L2]).reshape(c * m, fe)
+            return (finish(t_c, qk - yq1 * yk[:, 0] - yq2 * yk[:, 1]),)
+
+        if edges.fused_edge_update:  # Q_i·K_j and Y_L·K_j by the kernels over the whole graph
+            with jax.named_scope("fused_kernels"):
+                qk = fused_kernels.edge_dot(q_nodes, k_nodes, edges.senders, edges.block)
+                yk = fused_kernels.proj(sh, k_nodes, edges.senders)
+            return edges.map_chunks(edge_update_fused, (q_nodes,), (t, sh, qk, yk))[0]
         (t,) = edges.map_chunks(edge_update, (q_nodes,), (t, sh))
         return t
 
@@ -248,10 +299,16 @@ class Geodite(nn.Module):
     about this many edge slots each (``None``: :func:`default_chunk_edges`; ``0``: one pass over the whole
     graph). Memory then grows only with the node state and the per-layer edge state ``[E, F]``; the numbers
     are the same for any chunk size.
+
+    ``fused``: contract the sender gathers with the CPU kernels of :mod:`geodite_jax.fused` (block layout
+    only). ``None``: where they are available and their extra edge state fits
+    :data:`~geodite_jax.fused.FUSED_BUDGET_BYTES`; ``True``: always (an error if they are unavailable);
+    ``False``: never. The numbers are the same either way.
     """
 
     config: GeoditeConfig
     chunk_edges: int | None = None
+    fused: bool | None = None
 
     def setup(self) -> None:
         cfg = self.config
@@ -332,8 +389,11 @@ class Geodite(nn.Module):
         if exchange is not None and species.shape[0] > n:  # chunk padding rows are nobody's ghosts
             inner = exchange
             exchange = lambda x: jnp.concatenate([inner(x[:n]), x[n:]])  # noqa: E731
+        plan = (False, False)
+        if neighbours_per_node and self.fused is not False:
+            plan = fused_kernels.plan(senders.shape[0], cfg, vectors.dtype, force=bool(self.fused))
         edges = Edges(senders, receivers, species.shape[0], neighbours_per_node,
-                      sorted_receivers or bool(neighbours_per_node), chunk, exchange)
+                      sorted_receivers or bool(neighbours_per_node), chunk, exchange, *plan)
         r, sh, phi, rcov_sum = self.geometry(vectors, species, edges)
         per_layer = self._encode(species, sh, phi, edges, deterministic)
         if cfg.vacuum:

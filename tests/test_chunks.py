@@ -11,6 +11,7 @@ import pytest
 from ase.build import bulk
 
 import geodite_jax as gd
+from geodite_jax import fused
 from geodite_jax.edges import chunk_nodes
 
 
@@ -98,16 +99,19 @@ def _largest_intermediate(jaxpr) -> int:
 
 
 def test_no_edge_steerable_array_exists_whole(tiny, block_batch):
-    """Forces and stress of the chunked model never build an [E, 8, F] (or larger) array, forward or backward."""
+    """Forces and stress never build an [E, 8, F] (or larger) array, forward or backward: chunked in XLA, or
+    with the fused kernels (which contract the sender gathers without forming one, chunks or not)."""
     batch, block = block_batch
     n_edges, f = batch.senders.shape[0], tiny.config.num_features
     state = tiny.state(jnp.float64)
     sizes = {}
-    for chunk_edges in (0, 4 * block):
-        fn = gd.make_predict_fn(tiny.config, neighbours_per_node=block, chunk_edges=chunk_edges)
-        sizes[chunk_edges] = _largest_intermediate(jax.make_jaxpr(fn)(state, batch).jaxpr)
-    assert sizes[0] >= n_edges * 8 * f  # the one-pass model does (so the check can fail)
-    assert sizes[4 * block] <= n_edges * 2 * f  # chunked: at most edge state [E, F]-sized arrays
+    variants = [(0, False), (4 * block, False)] + [(0, True), (4 * block, True)] * fused.available()
+    for chunk_edges, use_fused in variants:
+        fn = gd.make_predict_fn(tiny.config, neighbours_per_node=block, chunk_edges=chunk_edges, fused=use_fused)
+        sizes[chunk_edges, use_fused] = _largest_intermediate(jax.make_jaxpr(fn)(state, batch).jaxpr)
+    assert sizes.pop((0, False)) >= n_edges * 8 * f  # the one-pass XLA model does (so the check can fail)
+    for variant, size in sizes.items():
+        assert size <= 3 * n_edges * f, variant  # at most a few [E, F]-sized arrays (chunk padding included)
 
 
 def test_memory_oriented_scheduler_is_set_at_import_unless_the_user_chose(monkeypatch):

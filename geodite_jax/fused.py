@@ -1,0 +1,515 @@
+"""Fused sender-gather contractions for the neighbour-block layout, as XLA:CPU FFI kernels.
+
+Three operations on steerable node arrays ``[N, S, F]`` and per-edge weights ``[E, F]`` in the block layout
+(edge ``e`` has receiver ``e // M`` and sender ``senders[e]``); ``X_j`` is the sender's row, never
+materialised per edge:
+
+* :func:`gather_sum`  ``A(w, x)[n]  = Σ_{e ∈ block(n)} w_e ⊙ x_{s(e)}``                  ``[N, S, F]``
+* :func:`edge_dot`    ``D(g, x)[e]  = Σ_s g_{r(e), s} ⊙ x_{s(e), s}``                      ``[E, F]``
+* :func:`scatter_sum` ``T(w, g)[k]  = Σ_{e: s(e) = k} w_e ⊙ g_{r(e)}``                     ``[N, S, F]``
+
+They are the three partial derivatives of one trilinear form ``Σ_e Σ_{s,f} w_ef x_{s(e)sf} g_{r(e)sf}``, so
+the VJP of each is made of the other two (``A``: dw = D(u, x), dx = T(w, u); ``D``: dg = A(v, x),
+dx = T(v, g); ``T``: dw = D(g, u), dg = A(w, u)) and the family is differentiable to any order: forces
+(one VJP) and force training (two) use the same kernels.
+
+Without the kernels XLA forms each ``[E, S, F]`` product in memory and turns every sender gather into a
+scatter-add in the backward pass; a kernel keeps one receiver's ``[S, F]`` rows in L1 and reads each
+sender row once. The C++ source below is compiled with the system C++ compiler at first use (cached per
+source and jaxlib version, like :mod:`geodite_jax.lammps_plugin`). Where it cannot be (no compiler, another
+platform), :func:`available` is False and the model keeps its pure-XLA path, with the same numbers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import GeoditeConfig
+
+_SOURCE = r"""
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <thread>
+#include <vector>
+#include <sched.h>
+#include "xla/ffi/api/ffi.h"
+namespace ffi = xla::ffi;
+
+static int num_threads() {
+  static int n = [] {
+    const char* env = std::getenv("GEODITE_KERNEL_THREADS");
+    if (env && std::atoi(env) > 0) return std::atoi(env);
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+    return 1;
+  }();
+  return n;
+}
+
+// fn(lo, hi) over [0, n) split into contiguous ranges, one per thread (the caller runs the first).
+template <typename Fn> static void parallel_for(int64_t n, int64_t min_per_thread, Fn&& fn) {
+  int64_t t = std::min<int64_t>(num_threads(), std::max<int64_t>(1, n / std::max<int64_t>(1, min_per_thread)));
+  std::vector<std::thread> workers;
+  for (int64_t k = 1; k < t; ++k) workers.emplace_back([&, k] { fn(n * k / t, n * (k + 1) / t); });
+  fn(0, n / t);
+  for (auto& w : workers) w.join();
+}
+
+template <typename T>
+static void gather_sum(const T* w, const T* x, const int32_t* snd, T* out, int64_t nr, int64_t m, int64_t sf,
+                       int64_t f) {
+  const int64_t s_rows = sf / f;
+  parallel_for(nr, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t n = lo; n < hi; ++n) {
+      T* o = out + n * sf;
+      std::fill(o, o + sf, T(0));
+      for (int64_t j = 0; j < m; ++j) {
+        const int64_t e = n * m + j;
+        const T* we = w + e * f;
+        const T* xs = x + int64_t(snd[e]) * sf;
+        for (int64_t s = 0; s < s_rows; ++s) {
+          T* os = o + s * f;
+          const T* xss = xs + s * f;
+          for (int64_t c = 0; c < f; ++c) os[c] += we[c] * xss[c];
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+static void edge_dot(const T* g, const T* x, const int32_t* snd, T* out, int64_t nr, int64_t m, int64_t sf,
+                     int64_t f) {
+  const int64_t s_rows = sf / f;
+  parallel_for(nr, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t n = lo; n < hi; ++n) {
+      const T* gn = g + n * sf;
+      for (int64_t j = 0; j < m; ++j) {
+        const int64_t e = n * m + j;
+        T* o = out + e * f;
+        const T* xs = x + int64_t(snd[e]) * sf;
+        std::fill(o, o + f, T(0));
+        for (int64_t s = 0; s < s_rows; ++s) {
+          const T* gs = gn + s * f;
+          const T* xss = xs + s * f;
+          for (int64_t c = 0; c < f; ++c) o[c] += gs[c] * xss[c];
+        }
+      }
+    }
+  });
+}
+
+// Each thread owns a contiguous range of sender rows and scans all edges for them: no races, no atomics.
+template <typename T>
+static void scatter_sum(const T* w, const T* g, const int32_t* snd, T* out, int64_t n_out, int64_t n_edges,
+                        int64_t m, int64_t sf, int64_t f) {
+  const int64_t s_rows = sf / f;
+  parallel_for(n_out, 16, [&](int64_t lo, int64_t hi) {
+    std::fill(out + lo * sf, out + hi * sf, T(0));
+    for (int64_t e = 0; e < n_edges; ++e) {
+      const int64_t k = snd[e];
+      if (k < lo || k >= hi) continue;
+      const T* we = w + e * f;
+      const T* gr = g + (e / m) * sf;
+      T* o = out + k * sf;
+      for (int64_t s = 0; s < s_rows; ++s) {
+        T* os = o + s * f;
+        const T* gs = gr + s * f;
+        for (int64_t c = 0; c < f; ++c) os[c] += we[c] * gs[c];
+      }
+    }
+  });
+}
+
+static ffi::Error check_senders(ffi::Buffer<ffi::S32> snd, int64_t n_rows) {
+  const int32_t* p = snd.typed_data();
+  for (int64_t e = 0, n = snd.element_count(); e < n; ++e)
+    if (p[e] < 0 || p[e] >= n_rows) return ffi::Error::InvalidArgument("sender index out of range");
+  return ffi::Error::Success();
+}
+
+static ffi::Error gather_sum_impl(ffi::AnyBuffer w, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> snd,
+                                  ffi::Result<ffi::AnyBuffer> out, int64_t block) {
+  auto xd = x.dimensions();
+  const int64_t f = xd.back(), sf = x.element_count() / xd.front(), e = snd.element_count();
+  if (auto err = check_senders(snd, xd.front()); err.failure()) return err;
+  if (x.element_type() == ffi::DataType::F32)
+    gather_sum(w.typed_data<float>(), x.typed_data<float>(), snd.typed_data(), out->typed_data<float>(), e / block,
+               block, sf, f);
+  else
+    gather_sum(w.typed_data<double>(), x.typed_data<double>(), snd.typed_data(), out->typed_data<double>(),
+               e / block, block, sf, f);
+  return ffi::Error::Success();
+}
+
+static ffi::Error edge_dot_impl(ffi::AnyBuffer g, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> snd,
+                                ffi::Result<ffi::AnyBuffer> out, int64_t block) {
+  auto xd = x.dimensions();
+  const int64_t f = xd.back(), sf = x.element_count() / xd.front(), e = snd.element_count();
+  if (auto err = check_senders(snd, xd.front()); err.failure()) return err;
+  if (x.element_type() == ffi::DataType::F32)
+    edge_dot(g.typed_data<float>(), x.typed_data<float>(), snd.typed_data(), out->typed_data<float>(), e / block,
+             block, sf, f);
+  else
+    edge_dot(g.typed_data<double>(), x.typed_data<double>(), snd.typed_data(), out->typed_data<double>(),
+             e / block, block, sf, f);
+  return ffi::Error::Success();
+}
+
+static ffi::Error scatter_sum_impl(ffi::AnyBuffer w, ffi::AnyBuffer g, ffi::Buffer<ffi::S32> snd,
+                                   ffi::Result<ffi::AnyBuffer> out, int64_t block) {
+  auto od = out->dimensions();
+  const int64_t f = od.back(), sf = out->element_count() / od.front(), e = snd.element_count();
+  if (auto err = check_senders(snd, od.front()); err.failure()) return err;
+  if (g.element_type() == ffi::DataType::F32)
+    scatter_sum(w.typed_data<float>(), g.typed_data<float>(), snd.typed_data(), out->typed_data<float>(), od.front(),
+                e, block, sf, f);
+  else
+    scatter_sum(w.typed_data<double>(), g.typed_data<double>(), snd.typed_data(), out->typed_data<double>(),
+                od.front(), e, block, sf, f);
+  return ffi::Error::Success();
+}
+
+#define BIND ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::Buffer<ffi::S32>>() \
+    .Ret<ffi::AnyBuffer>().Attr<int64_t>("block")
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GeoditeGatherSum, gather_sum_impl, BIND);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GeoditeEdgeDot, edge_dot_impl, BIND);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GeoditeScatterSum, scatter_sum_impl, BIND);
+// Degree projections: rows s < split form group 0, the rest group 1 (L=1 rows 0-2, L=2 rows 3-7).
+// proj:    out[e, l, :] = sum_{s in l} c[e, s] x[snd[e], s, :]                     [E, 2, F]
+// proj_dc: out[e, s]    = sum_f u[e, l(s), f] x[snd[e], s, f]                       [E, S]
+// proj_dx: out[k, s, :] = sum_{e: snd[e] = k} c[e, s] u[e, l(s), :]                 [N, S, F]
+template <typename T>
+static void proj(const T* c, const T* x, const int32_t* snd, T* out, int64_t n_edges, int64_t s_rows, int64_t f,
+                 int64_t split) {
+  parallel_for(n_edges, 256, [&](int64_t lo, int64_t hi) {
+    for (int64_t e = lo; e < hi; ++e) {
+      const T* xs = x + int64_t(snd[e]) * s_rows * f;
+      T* o = out + e * 2 * f;
+      std::fill(o, o + 2 * f, T(0));
+      for (int64_t s = 0; s < s_rows; ++s) {
+        T* ol = o + (s < split ? 0 : f);
+        const T cs = c[e * s_rows + s];
+        const T* xss = xs + s * f;
+        for (int64_t k = 0; k < f; ++k) ol[k] += cs * xss[k];
+      }
+    }
+  });
+}
+
+template <typename T>
+static void proj_dc(const T* u, const T* x, const int32_t* snd, T* out, int64_t n_edges, int64_t s_rows, int64_t f,
+                    int64_t split) {
+  parallel_for(n_edges, 256, [&](int64_t lo, int64_t hi) {
+    for (int64_t e = lo; e < hi; ++e) {
+      const T* xs = x + int64_t(snd[e]) * s_rows * f;
+      for (int64_t s = 0; s < s_rows; ++s) {
+        const T* ul = u + e * 2 * f + (s < split ? 0 : f);
+        const T* xss = xs + s * f;
+        // Lane-wise partial sums, so the compiler vectorises the reduction without reassociating it.
+        T lanes[16] = {};
+        int64_t k = 0;
+        for (; k + 16 <= f; k += 16)
+          for (int l = 0; l < 16; ++l) lanes[l] += ul[k + l] * xss[k + l];
+        for (; k < f; ++k) lanes[0] += ul[k] * xss[k];
+        T acc = 0;
+        for (int l = 0; l < 16; ++l) acc += lanes[l];
+        out[e * s_rows + s] = acc;
+      }
+    }
+  });
+}
+
+template <typename T>
+static void proj_dx(const T* c, const T* u, const int32_t* snd, T* out, int64_t n_out, int64_t n_edges,
+                    int64_t s_rows, int64_t f, int64_t split) {
+  parallel_for(n_out, 16, [&](int64_t lo, int64_t hi) {
+    std::fill(out + lo * s_rows * f, out + hi * s_rows * f, T(0));
+    for (int64_t e = 0; e < n_edges; ++e) {
+      const int64_t k = snd[e];
+      if (k < lo || k >= hi) continue;
+      T* o = out + k * s_rows * f;
+      for (int64_t s = 0; s < s_rows; ++s) {
+        const T cs = c[e * s_rows + s];
+        const T* ul = u + e * 2 * f + (s < split ? 0 : f);
+        T* os = o + s * f;
+        for (int64_t q = 0; q < f; ++q) os[q] += cs * ul[q];
+      }
+    }
+  });
+}
+
+static ffi::Error proj_impl(ffi::AnyBuffer c, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> snd,
+                            ffi::Result<ffi::AnyBuffer> out, int64_t split) {
+  auto xd = x.dimensions();
+  const int64_t f = xd.back(), s_rows = x.element_count() / xd.front() / f, e = snd.element_count();
+  if (auto err = check_senders(snd, xd.front()); err.failure()) return err;
+  if (x.element_type() == ffi::DataType::F32)
+    proj(c.typed_data<float>(), x.typed_data<float>(), snd.typed_data(), out->typed_data<float>(), e, s_rows, f, split);
+  else
+    proj(c.typed_data<double>(), x.typed_data<double>(), snd.typed_data(), out->typed_data<double>(), e, s_rows, f,
+         split);
+  return ffi::Error::Success();
+}
+
+static ffi::Error proj_dc_impl(ffi::AnyBuffer u, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> snd,
+                               ffi::Result<ffi::AnyBuffer> out, int64_t split) {
+  auto xd = x.dimensions();
+  const int64_t f = xd.back(), s_rows = x.element_count() / xd.front() / f, e = snd.element_count();
+  if (auto err = check_senders(snd, xd.front()); err.failure()) return err;
+  if (x.element_type() == ffi::DataType::F32)
+    proj_dc(u.typed_data<float>(), x.typed_data<float>(), snd.typed_data(), out->typed_data<float>(), e, s_rows, f,
+            split);
+  else
+    proj_dc(u.typed_data<double>(), x.typed_data<double>(), snd.typed_data(), out->typed_data<double>(), e, s_rows,
+            f, split);
+  return ffi::Error::Success();
+}
+
+static ffi::Error proj_dx_impl(ffi::AnyBuffer c, ffi::AnyBuffer u, ffi::Buffer<ffi::S32> snd,
+                               ffi::Result<ffi::AnyBuffer> out, int64_t split) {
+  auto od = out->dimensions();
+  const int64_t f = od.back(), s_rows = out->element_count() / od.front() / f, e = snd.element_count();
+  if (auto err = check_senders(snd, od.front()); err.failure()) return err;
+  if (u.element_type() == ffi::DataType::F32)
+    proj_dx(c.typed_data<float>(), u.typed_data<float>(), snd.typed_data(), out->typed_data<float>(), od.front(), e,
+            s_rows, f, split);
+  else
+    proj_dx(c.typed_data<double>(), u.typed_data<double>(), snd.typed_data(), out->typed_data<double>(), od.front(),
+            e, s_rows, f, split);
+  return ffi::Error::Success();
+}
+
+#define BIND_PROJ ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::Buffer<ffi::S32>>() \
+    .Ret<ffi::AnyBuffer>().Attr<int64_t>("split")
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GeoditeProj, proj_impl, BIND_PROJ);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GeoditeProjDc, proj_dc_impl, BIND_PROJ);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GeoditeProjDx, proj_dx_impl, BIND_PROJ);
+"""
+
+_TARGETS = {"gather_sum": "GeoditeGatherSum", "edge_dot": "GeoditeEdgeDot", "scatter_sum": "GeoditeScatterSum",
+            "proj": "GeoditeProj", "proj_dc": "GeoditeProjDc", "proj_dx": "GeoditeProjDx"}
+
+
+def build(cache: str | os.PathLike | None = None) -> Path:
+    """Compile the kernel library (once per source and jaxlib version) and return its path."""
+    import jaxlib
+
+    include = jax.ffi.include_dir()
+    key = hashlib.sha256((_SOURCE + jaxlib.__version__).encode()).hexdigest()[:16]
+    cache = Path(cache or os.environ.get("GEODITE_CACHE", Path(tempfile.gettempdir()) / "geodite_jax"))
+    target = cache / f"fused_kernels_{key}.so"
+    if target.is_file():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    src = cache / f"fused_kernels_{key}.cc"
+    src.write_text(_SOURCE)
+    tmp = cache / f"{target.name}.{os.getpid()}.tmp"
+    cmd = [os.environ.get("CXX", "g++"), "-O3", "-march=native", "-shared", "-fPIC", "-std=c++17", "-w",
+           f"-I{include}", str(src), "-o", str(tmp), "-pthread"]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(f"compiling the fused kernels failed ({' '.join(cmd)}):\n{result.stderr[-2000:]}")
+    os.replace(tmp, target)
+    return target
+
+
+@functools.cache
+def unavailable_reason() -> str | None:
+    """None when the kernels are compiled and registered for XLA:CPU, else why not (``GEODITE_FUSED=0``: off)."""
+    if os.environ.get("GEODITE_FUSED", "1") == "0":
+        return "GEODITE_FUSED=0"
+    try:
+        lib = ctypes.CDLL(str(build()))
+    except (OSError, RuntimeError) as err:  # no compiler, no headers, a failed build
+        return str(err).splitlines()[0]
+    for symbol in _TARGETS.values():
+        jax.ffi.register_ffi_target(symbol, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+    return None
+
+
+def available() -> bool:
+    """True when the kernels are compiled and registered for XLA:CPU."""
+    return unavailable_reason() is None
+
+
+def enabled() -> bool:
+    """Whether the model should use the kernels now: they are :func:`available` and JAX computes on the CPU."""
+    return jax.default_backend() == "cpu" and available()
+
+
+#: Extra memory the fused path may use for its whole-graph edge arrays (kept for the backward pass): the
+#: messages keep their sender weights ``[E, F]`` per layer, the edge update its inner products ``[E, 3 F_e]``
+#: per refined layer. Above it the model keeps the chunked XLA path, whose memory grows only with the edge
+#: state (see README, "Scale"). The messages come first: most of the gain for a third of the memory.
+FUSED_BUDGET_BYTES = 256 * 2**20
+
+
+def plan(num_edges: int, config: GeoditeConfig, dtype: Any, force: bool = False) -> tuple[bool, bool]:
+    """``(fuse the messages, fuse the edge update)`` for a block-layout graph of ``num_edges`` edge slots.
+
+    ``force``: both, or a ``RuntimeError`` naming why the kernels are unavailable.
+    """
+    if force:
+        if not enabled():
+            raise RuntimeError(f"fused kernels requested but unavailable: {unavailable_reason()}")
+        return True, True
+    if not enabled():
+        return False, False
+    size = num_edges * np.dtype(dtype).itemsize
+    messages = size * config.num_features * config.num_layers
+    edge_update = size * 3 * config.edge_features * (config.num_layers - 1)
+    return messages <= FUSED_BUDGET_BYTES, messages + edge_update <= FUSED_BUDGET_BYTES
+
+
+def _call(name: str, shape: tuple[int, ...], a: jax.Array, b: jax.Array, senders: jax.Array, **attrs: int) -> jax.Array:
+    out = jax.ShapeDtypeStruct(shape, b.dtype)
+    attrs = {k: np.int64(v) for k, v in attrs.items()}
+    return jax.ffi.ffi_call(_TARGETS[name], out, vmap_method="sequential")(
+        a.astype(b.dtype), b, senders.astype(jnp.int32), **attrs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def gather_sum(w: jax.Array, x: jax.Array, senders: jax.Array, block: int) -> jax.Array:
+    """``w [E, F], x [N, S, F], senders [E]`` -> ``[E // block, S, F]``: Σ over a receiver's block of ``w ⊙ x[s]``."""
+    return _call("gather_sum", (w.shape[0] // block, *x.shape[1:]), w, x, senders, block=block)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def edge_dot(g: jax.Array, x: jax.Array, senders: jax.Array, block: int) -> jax.Array:
+    """``g [E // block, S, F], x [N, S, F], senders [E]`` -> ``[E, F]``: Σ_s of receiver row ⊙ sender row."""
+    return _call("edge_dot", (senders.shape[0], x.shape[-1]), g, x, senders, block=block)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def scatter_sum(w: jax.Array, g: jax.Array, senders: jax.Array, block: int, num_nodes: int) -> jax.Array:
+    """``w [E, F], g [E // block, S, F], senders [E]`` -> ``[num_nodes, S, F]``: Σ over each sender's edges."""
+    return _call("scatter_sum", (num_nodes, *g.shape[1:]), w, g, senders, block=block)
+
+
+_Fwd = tuple[jax.Array, tuple[jax.Array, ...]]  # (output, residuals)
+_Bwd = tuple[jax.Array, jax.Array, np.ndarray]  # cotangents of the two arrays and of the (integer) senders
+
+
+def _zero_senders(senders: jax.Array) -> np.ndarray:
+    return np.zeros(senders.shape, jax.dtypes.float0)
+
+
+def _gather_sum_fwd(w: jax.Array, x: jax.Array, senders: jax.Array, block: int) -> _Fwd:
+    return gather_sum(w, x, senders, block), (w, x, senders)
+
+
+def _gather_sum_bwd(block: int, res: tuple, u: jax.Array) -> _Bwd:
+    w, x, senders = res
+    return edge_dot(u, x, senders, block), scatter_sum(w, u, senders, block, x.shape[0]), _zero_senders(senders)
+
+
+def _edge_dot_fwd(g: jax.Array, x: jax.Array, senders: jax.Array, block: int) -> _Fwd:
+    return edge_dot(g, x, senders, block), (g, x, senders)
+
+
+def _edge_dot_bwd(block: int, res: tuple, v: jax.Array) -> _Bwd:
+    g, x, senders = res
+    return gather_sum(v, x, senders, block), scatter_sum(v, g, senders, block, x.shape[0]), _zero_senders(senders)
+
+
+def _scatter_sum_fwd(w: jax.Array, g: jax.Array, senders: jax.Array, block: int, num_nodes: int) -> _Fwd:
+    return scatter_sum(w, g, senders, block, num_nodes), (w, g, senders)
+
+
+def _scatter_sum_bwd(block: int, num_nodes: int, res: tuple, u: jax.Array) -> _Bwd:
+    w, g, senders = res
+    return edge_dot(g, u, senders, block), gather_sum(w, u, senders, block), _zero_senders(senders)
+
+
+gather_sum.defvjp(_gather_sum_fwd, _gather_sum_bwd)
+edge_dot.defvjp(_edge_dot_fwd, _edge_dot_bwd)
+scatter_sum.defvjp(_scatter_sum_fwd, _scatter_sum_bwd)
+
+
+#: Rows of the steerable arrays below this index have degree L=1, the rest L=2 (see :mod:`geodite_jax.spherical`).
+SPLIT = 3
+
+
+@jax.custom_vjp
+def proj(c: jax.Array, x: jax.Array, senders: jax.Array) -> jax.Array:
+    """``c [E, S], x [N, S, F], senders [E]`` -> ``[E, 2, F]``: per degree, Σ_{s ∈ L} c_es x_{s(e), s}."""
+    return _call("proj", (senders.shape[0], 2, x.shape[-1]), c, x, senders, split=SPLIT)
+
+
+@jax.custom_vjp
+def proj_dc(u: jax.Array, x: jax.Array, senders: jax.Array) -> jax.Array:
+    """``u [E, 2, F], x [N, S, F], senders [E]`` -> ``[E, S]``: Σ_f u_{e, L(s)} x_{s(e), s}."""
+    return _call("proj_dc", (senders.shape[0], x.shape[1]), u, x, senders, split=SPLIT)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def proj_dx(c: jax.Array, u: jax.Array, senders: jax.Array, num_nodes: int) -> jax.Array:
+    """``c [E, S], u [E, 2, F], senders [E]`` -> ``[num_nodes, S, F]``: Σ over a sender's edges of c_es u_{e,L(s)}."""
+    return _call("proj_dx", (num_nodes, c.shape[1], u.shape[-1]), c, u, senders, split=SPLIT)
+
+
+# The three partials of Σ_e Σ_{s,f} c_es x_{s(e)sf} u_{e L(s) f}: again closed under differentiation.
+def _proj_fwd(c: jax.Array, x: jax.Array, senders: jax.Array) -> _Fwd:
+    return proj(c, x, senders), (c, x, senders)
+
+
+def _proj_bwd(res: tuple, v: jax.Array) -> _Bwd:
+    c, x, senders = res
+    return proj_dc(v, x, senders), proj_dx(c, v, senders, x.shape[0]), _zero_senders(senders)
+
+
+def _proj_dc_fwd(u: jax.Array, x: jax.Array, senders: jax.Array) -> _Fwd:
+    return proj_dc(u, x, senders), (u, x, senders)
+
+
+def _proj_dc_bwd(res: tuple, v: jax.Array) -> _Bwd:
+    u, x, senders = res
+    return proj(v, x, senders), proj_dx(v, u, senders, x.shape[0]), _zero_senders(senders)
+
+
+def _proj_dx_fwd(c: jax.Array, u: jax.Array, senders: jax.Array, num_nodes: int) -> _Fwd:
+    return proj_dx(c, u, senders, num_nodes), (c, u, senders)
+
+
+def _proj_dx_bwd(num_nodes: int, res: tuple, v: jax.Array) -> _Bwd:
+    c, u, senders = res
+    return proj_dc(u, v, senders), proj(c, v, senders), _zero_senders(senders)
+
+
+proj.defvjp(_proj_fwd, _proj_bwd)
+proj_dc.defvjp(_proj_dc_fwd, _proj_dc_bwd)
+proj_dx.defvjp(_proj_dx_fwd, _proj_dx_bwd)
+
+
+def reference(name: str, a: jax.Array, b: jax.Array, senders: jax.Array, block: int,
+              num_nodes: int | None = None) -> jax.Array:
+    """The same operations in plain XLA (materialising ``[E, S, F]``): for tests and other platforms."""
+    e = senders.shape[0]
+    if name == "gather_sum":
+        return (a[:, None, :] * b[senders]).reshape(e // block, block, *b.shape[1:]).sum(1)
+    if name == "edge_dot":
+        return (jnp.repeat(a, block, axis=0) * b[senders]).sum(1)
+    if name == "scatter_sum":
+        return jax.ops.segment_sum(a[:, None, :] * jnp.repeat(b, block, axis=0), senders, num_nodes)
+    group = jnp.arange(8) >= SPLIT  # degree of each steerable row
+    if name == "proj":
+        y = a[:, :, None] * b[senders]
+        return jnp.stack([jnp.where(~group[:, None], y, 0).sum(1), jnp.where(group[:, None], y, 0).sum(1)], 1)
+    if name == "proj_dc":
+        return (a[:, group.astype(int)] * b[senders]).sum(-1)
+    if name == "proj_dx":
+        return jax.ops.segment_sum(a[:, :, None] * b[:, group.astype(int)], senders, num_nodes)
+    raise ValueError(f"unknown fused operation {name!r}")

@@ -1,0 +1,108 @@
+"""The fused CPU kernels (geodite_jax.fused): the XLA reference numbers, derivatives to second order, and the
+same model numbers as the chunked XLA path."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from ase.build import bulk
+
+import geodite_jax as gd
+from geodite_jax import fused
+
+pytestmark = pytest.mark.skipif(not fused.available(),
+                                reason=f"fused kernels unavailable: {fused.unavailable_reason()}")
+
+N, M, S, F = 7, 5, 8, 6
+SECOND = {"scatter_sum": (M, N), "gather_sum": (M,), "edge_dot": (M,), "proj": (), "proj_dc": (), "proj_dx": (N,)}
+
+
+def operands(name: str, rng: np.random.Generator) -> tuple[jax.Array, jax.Array]:
+    shapes = {"gather_sum": ((N * M, F), (N, S, F)), "edge_dot": ((N, S, F), (N, S, F)),
+              "scatter_sum": ((N * M, F), (N, S, F)), "proj": ((N * M, S), (N, S, F)),
+              "proj_dc": ((N * M, 2, F), (N, S, F)), "proj_dx": ((N * M, S), (N * M, 2, F))}[name]
+    return tuple(jnp.asarray(rng.normal(size=shape)) for shape in shapes)
+
+
+@pytest.mark.parametrize("name", sorted(SECOND))
+def test_kernels_match_xla_to_second_order(name):
+    rng = np.random.default_rng(0)
+    senders = jnp.asarray(rng.integers(0, N, N * M), jnp.int32)
+    a, b = operands(name, rng)
+    kernel = lambda a, b: getattr(fused, name)(a, b, senders, *SECOND[name])  # noqa: E731
+    ref = lambda a, b: fused.reference(name, a, b, senders, M if "sum" in name or name == "edge_dot" else 1, N)  # noqa: E731
+    np.testing.assert_allclose(jax.jit(kernel)(a, b), ref(a, b), rtol=0, atol=1e-13)
+
+    def first(fn, a, b):  # a force-like derivative
+        return jax.grad(lambda a, b: jnp.sum(jnp.sin(fn(a, b))), argnums=(0, 1))(a, b)
+
+    def second(fn, a, b):  # a force-loss parameter gradient
+        return jax.grad(lambda a, b: sum(jnp.sum(g**2) for g in first(fn, a, b)), argnums=(0, 1))(a, b)
+
+    for got, want in zip(first(kernel, a, b) + second(kernel, a, b), first(ref, a, b) + second(ref, a, b),
+                         strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-11)
+
+
+def test_float32_and_vmap():
+    rng = np.random.default_rng(1)
+    senders = jnp.asarray(rng.integers(0, N, N * M), jnp.int32)
+    w, x = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((2, N * M, F), (N, S, F)))
+    out = jax.vmap(lambda w: fused.gather_sum(w, x, senders, M))(w)
+    assert out.dtype == jnp.float32 and out.shape == (2, N, S, F)
+    np.testing.assert_allclose(out[1], fused.reference("gather_sum", w[1], x, senders, M), rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def block_batch(tiny):
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 2, 1))
+    atoms.numbers[::3] = 28
+    atoms.rattle(0.08, seed=4)
+    graph = gd.atoms_to_graph(atoms, tiny.config.cutoff, tiny.config.num_elements, np.float64)
+    block = gd.max_degree([graph]) + 2
+    return jax.tree_util.tree_map(jnp.asarray, gd.batch_graphs([graph], 17, None, 2, neighbours_per_node=block)), block
+
+
+@pytest.mark.parametrize("chunk_edges", [0, 96])
+def test_model_numbers_equal_the_xla_path_in_float64(tiny, block_batch, chunk_edges):
+    batch, block = block_batch
+    state = tiny.state(jnp.float64)
+    out = {f: jax.jit(gd.make_predict_fn(tiny.config, neighbours_per_node=block, chunk_edges=chunk_edges,
+                                         fused=f))(state, batch) for f in (False, True)}
+    for key in ("energy", "forces", "stress", "nn_per_layer"):
+        np.testing.assert_allclose(out[True][key], out[False][key], rtol=0, atol=1e-10, err_msg=key)
+
+
+def test_force_loss_parameter_gradients_equal_the_xla_path(tiny, block_batch):
+    batch, block = block_batch
+
+    def grads(f):
+        fn = gd.make_predict_fn(tiny.config, neighbours_per_node=block, chunk_edges=0, fused=f)
+
+        def loss(params):
+            out = fn(tiny.state(jnp.float64).replace(params=params), batch)
+            return out["energy"][0] ** 2 + jnp.sum(out["forces"] ** 2) + jnp.sum(out["stress"] ** 2)
+
+        return jax.jit(jax.grad(loss))(tiny.state(jnp.float64).params)
+
+    for a, b in zip(jax.tree_util.tree_leaves(grads(True)), jax.tree_util.tree_leaves(grads(False)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_plan_keeps_the_extra_memory_within_budget(monkeypatch):
+    cfg = gd.GeoditeConfig.preset("mp")
+    assert fused.plan(20_000, cfg, jnp.float32) == (True, True)  # Cu-256: both
+    assert fused.plan(46_552, cfg, jnp.float32) == (True, False)  # Si-1000: the messages only
+    assert fused.plan(368_000, cfg, jnp.float32) == (False, False)  # Si-8000: the chunked XLA path
+    monkeypatch.setenv("GEODITE_FUSED", "0")
+    fused.unavailable_reason.cache_clear()
+    try:
+        assert fused.plan(100, cfg, jnp.float32) == (False, False)
+        with pytest.raises(RuntimeError, match="GEODITE_FUSED=0"):
+            fused.plan(100, cfg, jnp.float32, force=True)
+    finally:
+        monkeypatch.delenv("GEODITE_FUSED")
+        fused.unavailable_reason.cache_clear()
+        assert fused.available()
