@@ -297,10 +297,65 @@ static ffi::Error proj_dx_impl(ffi::AnyBuffer c, ffi::AnyBuffer u, ffi::Buffer<f
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GeoditeProj, proj_impl, BIND_PROJ);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GeoditeProjDc, proj_dc_impl, BIND_PROJ);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GeoditeProjDx, proj_dx_impl, BIND_PROJ);
+// Projected inner products, Q⊥·K⊥ = Q·K − Σ_L (Y_L·Q)(Y_L·K), per edge of the block layout:
+// out[e, :] = sum_s q[r(e), s, :] k[snd[e], s, :]
+//             − sum_L (sum_{s in L} y[e, s] q[r(e), s, :]) (sum_{s in L} y[e, s] k[snd[e], s, :])
+template <typename T>
+static void projected_dot(const T* q, const T* k, const T* y, const int32_t* snd, T* out, int64_t nr, int64_t m,
+                          int64_t s_rows, int64_t f, int64_t split) {
+  parallel_for(nr, 16, [&](int64_t lo, int64_t hi) {
+    std::vector<T> tmp(4 * f);
+    T *yq1 = tmp.data(), *yk1 = yq1 + f, *yq2 = yk1 + f, *yk2 = yq2 + f;
+    for (int64_t n = lo; n < hi; ++n) {
+      const T* qn = q + n * s_rows * f;
+      for (int64_t j = 0; j < m; ++j) {
+        const int64_t e = n * m + j;
+        const T* kj = k + int64_t(snd[e]) * s_rows * f;
+        const T* ye = y + e * s_rows;
+        T* o = out + e * f;
+        std::fill(tmp.begin(), tmp.end(), T(0));
+        std::fill(o, o + f, T(0));
+        for (int64_t s = 0; s < s_rows; ++s) {
+          const T* qs = qn + s * f;
+          const T* ks = kj + s * f;
+          const T ys = ye[s];
+          T* yq = s < split ? yq1 : yq2;
+          T* yk = s < split ? yk1 : yk2;
+          for (int64_t c = 0; c < f; ++c) {
+            o[c] += qs[c] * ks[c];
+            yq[c] += ys * qs[c];
+            yk[c] += ys * ks[c];
+          }
+        }
+        for (int64_t c = 0; c < f; ++c) o[c] -= yq1[c] * yk1[c] + yq2[c] * yk2[c];
+      }
+    }
+  });
+}
+
+static ffi::Error projected_dot_impl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer y, ffi::Buffer<ffi::S32> snd,
+                                     ffi::Result<ffi::AnyBuffer> out, int64_t block, int64_t split) {
+  auto kd = k.dimensions();
+  const int64_t f = kd.back(), s_rows = k.element_count() / kd.front() / f, e = snd.element_count();
+  if (auto err = check_senders(snd, kd.front()); err.failure()) return err;
+  if (k.element_type() == ffi::DataType::F32)
+    projected_dot(q.typed_data<float>(), k.typed_data<float>(), y.typed_data<float>(), snd.typed_data(),
+                  out->typed_data<float>(), e / block, block, s_rows, f, split);
+  else
+    projected_dot(q.typed_data<double>(), k.typed_data<double>(), y.typed_data<double>(), snd.typed_data(),
+                  out->typed_data<double>(), e / block, block, s_rows, f, split);
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GeoditeProjectedDot, projected_dot_impl,
+                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>().Ret<ffi::AnyBuffer>().Attr<int64_t>("block")
+                                  .Attr<int64_t>("split"));
 """
 
 _TARGETS = {"gather_sum": "GeoditeGatherSum", "edge_dot": "GeoditeEdgeDot", "scatter_sum": "GeoditeScatterSum",
-            "proj": "GeoditeProj", "proj_dc": "GeoditeProjDc", "proj_dx": "GeoditeProjDx"}
+            "proj": "GeoditeProj", "proj_dc": "GeoditeProjDc", "proj_dx": "GeoditeProjDx",
+            "projected_dot": "GeoditeProjectedDot"}
 
 
 def build(cache: str | os.PathLike | None = None) -> Path:
@@ -351,10 +406,15 @@ def enabled() -> bool:
 
 
 #: Extra memory the fused path may use for its whole-graph edge arrays (kept for the backward pass): the
-#: messages keep their sender weights ``[E, F]`` per layer, the edge update its inner products ``[E, 3 F_e]``
-#: per refined layer. Above it the model keeps the chunked XLA path, whose memory grows only with the edge
+#: messages keep their sender weights ``[E, F]`` per layer, the edge update its projected inner products
+#: ``[E, F_e]`` per refined layer. Above it the model keeps the chunked XLA path, whose memory grows only with the edge
 #: state (see README, "Scale"). The messages come first: most of the gain for a third of the memory.
 FUSED_BUDGET_BYTES = 256 * 2**20
+
+
+def _require() -> None:
+    if not available():
+        raise RuntimeError(f"the fused kernels are unavailable: {unavailable_reason()}")
 
 
 def plan(num_edges: int, config: GeoditeConfig, dtype: Any, force: bool = False) -> tuple[bool, bool]:
@@ -363,18 +423,18 @@ def plan(num_edges: int, config: GeoditeConfig, dtype: Any, force: bool = False)
     ``force``: both, or a ``RuntimeError`` naming why the kernels are unavailable.
     """
     if force:
-        if not enabled():
-            raise RuntimeError(f"fused kernels requested but unavailable: {unavailable_reason()}")
+        _require()
         return True, True
     if not enabled():
         return False, False
     size = num_edges * np.dtype(dtype).itemsize
     messages = size * config.num_features * config.num_layers
-    edge_update = size * 3 * config.edge_features * (config.num_layers - 1)
+    edge_update = size * config.edge_features * (config.num_layers - 1)
     return messages <= FUSED_BUDGET_BYTES, messages + edge_update <= FUSED_BUDGET_BYTES
 
 
 def _call(name: str, shape: tuple[int, ...], a: jax.Array, b: jax.Array, senders: jax.Array, **attrs: int) -> jax.Array:
+    _require()
     out = jax.ShapeDtypeStruct(shape, b.dtype)
     attrs = {k: np.int64(v) for k, v in attrs.items()}
     return jax.ffi.ffi_call(_TARGETS[name], out, vmap_method="sequential")(
@@ -494,6 +554,54 @@ proj_dc.defvjp(_proj_dc_fwd, _proj_dc_bwd)
 proj_dx.defvjp(_proj_dx_fwd, _proj_dx_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def projected_dot(q: jax.Array, k: jax.Array, y: jax.Array, senders: jax.Array, block: int) -> jax.Array:
+    """Q⊥·K⊥ of the edge update: ``q [N, S, F]`` (receivers), ``k [N', S, F]`` (senders), ``y [E, S]``
+    (unit harmonics per degree) -> ``[E, F]`` = Σ_s q_r k_s − Σ_L (Y_L·q_r)(Y_L·k_s).
+
+    One kernel pass in the forward; the backward recomputes ``Y_L·q`` and ``Y_L·k`` with the kernels above
+    (so only the inputs are kept, and every order of derivative exists).
+    """
+    _require()
+    out = jax.ShapeDtypeStruct((senders.shape[0], k.shape[-1]), k.dtype)
+    return jax.ffi.ffi_call(_TARGETS["projected_dot"], out, vmap_method="sequential")(
+        q, k, y.astype(k.dtype), senders.astype(jnp.int32), block=np.int64(block), split=np.int64(SPLIT))
+
+
+def _receiver_proj(y: jax.Array, q: jax.Array, block: int) -> jax.Array:
+    """``Y_L·q_r(e)`` per degree, ``[E, 2, F]``: a batched matmul per receiver (no gather)."""
+    yb = y.reshape(q.shape[0], block, -1)
+    parts = [jnp.einsum("nms,nsf->nmf", yb[..., r], q[:, r]) for r in (slice(0, SPLIT), slice(SPLIT, None))]
+    return jnp.stack(parts, axis=2).reshape(y.shape[0], 2, q.shape[-1])
+
+
+def _projected_dot_fwd(q: jax.Array, k: jax.Array, y: jax.Array, senders: jax.Array, block: int) -> _Fwd:
+    return projected_dot(q, k, y, senders, block), (q, k, y, senders)
+
+
+def _projected_dot_bwd(block: int, res: tuple, v: jax.Array) -> tuple:
+    q, k, y, senders = res
+    n, f = q.shape[0], q.shape[-1]
+    yq = _receiver_proj(y, q, block)
+    yk = proj(y, k, senders)
+    vyq, vyk = v[:, None, :] * yq, v[:, None, :] * yk
+    vyk_b = vyk.reshape(n, block, 2, f)
+    y_b = y.reshape(n, block, -1)
+    rows = (slice(0, SPLIT), slice(SPLIT, None))
+    # Σ_m y_es (v ⊙ Y_L·k)_e and Σ_f (v ⊙ Y_L·k)_e q_r: the receiver side, batched matmuls per receiver.
+    dq_proj = jnp.concatenate([jnp.einsum("nms,nmf->nsf", y_b[..., r], vyk_b[:, :, deg])
+                               for deg, r in enumerate(rows)], axis=1)
+    dy_q = jnp.concatenate([jnp.einsum("nmf,nsf->nms", vyk_b[:, :, deg], q[:, r]) for deg, r in enumerate(rows)],
+                           axis=2).reshape(y.shape)
+    dq = gather_sum(v, k, senders, block) - dq_proj
+    dk = scatter_sum(v, q, senders, block, k.shape[0]) - proj_dx(y, vyq, senders, k.shape[0])
+    dy = -(proj_dc(vyq, k, senders) + dy_q)
+    return dq, dk, dy.astype(y.dtype), _zero_senders(senders)
+
+
+projected_dot.defvjp(_projected_dot_fwd, _projected_dot_bwd)
+
+
 def reference(name: str, a: jax.Array, b: jax.Array, senders: jax.Array, block: int,
               num_nodes: int | None = None) -> jax.Array:
     """The same operations in plain XLA (materialising ``[E, S, F]``): for tests and other platforms."""
@@ -513,3 +621,11 @@ def reference(name: str, a: jax.Array, b: jax.Array, senders: jax.Array, block: 
     if name == "proj_dx":
         return jax.ops.segment_sum(a[:, :, None] * b[:, group.astype(int)], senders, num_nodes)
     raise ValueError(f"unknown fused operation {name!r}")
+
+
+def reference_projected_dot(q: jax.Array, k: jax.Array, y: jax.Array, senders: jax.Array, block: int) -> jax.Array:
+    """:func:`projected_dot` in plain XLA."""
+    q_r, k_s = jnp.repeat(q, block, axis=0), k[senders]
+    yq, yk = y[:, :, None] * q_r, y[:, :, None] * k_s
+    return ((q_r * k_s).sum(1) - yq[:, :SPLIT].sum(1) * yk[:, :SPLIT].sum(1)
+            - yq[:, SPLIT:].sum(1) * yk[:, SPLIT:].sum(1))

@@ -237,20 +237,13 @@ class Interaction(nn.Module):
             w = ((q_i * k_j).sum(1) - s_q[:, L1].sum(1) * s_k[:, L1].sum(1) - s_q[:, L2].sum(1) * s_k[:, L2].sum(1))
             return (finish(t_c, w),)
 
-        def edge_update_fused(ec: Edges, q_c: jnp.ndarray, t_c: jnp.ndarray, sh_c: jnp.ndarray, qk: jnp.ndarray,
-                              yk: jnp.ndarray) -> tuple[jnp.ndarray]:
-            # qk = Q_i·K_j [C·M, Fe] and yk = (Y_L·K_j) [C·M, 2, Fe] came from the kernels; Y_L·Q_i needs no gather.
-            c, m = ec.num_nodes, ec.block
-            y = sh_c.reshape(c, m, 8)
-            yq1 = jnp.einsum("cms,csf->cmf", y[..., L1], q_c[:, L1]).reshape(c * m, fe)
-            yq2 = jnp.einsum("cms,csf->cmf", y[..., L2], q_c[:, L2]).reshape(c * m, fe)
-            return (finish(t_c, qk - yq1 * yk[:, 0] - yq2 * yk[:, 1]),)
+        def edge_update_fused(ec: Edges, t_c: jnp.ndarray, w: jnp.ndarray) -> tuple[jnp.ndarray]:
+            return (finish(t_c, w),)
 
-        if edges.fused_edge_update:  # Q_i·K_j and Y_L·K_j by the kernels over the whole graph
+        if edges.fused_edge_update:  # Q⊥·K⊥ by the kernel over the whole graph: only its [E, Fe] result is kept
             with jax.named_scope("fused_kernels"):
-                qk = fused_kernels.edge_dot(q_nodes, k_nodes, edges.senders, edges.block)
-                yk = fused_kernels.proj(sh, k_nodes, edges.senders)
-            return edges.map_chunks(edge_update_fused, (q_nodes,), (t, sh, qk, yk))[0]
+                w = fused_kernels.projected_dot(q_nodes, k_nodes, sh, edges.senders, edges.block)
+            return edges.map_chunks(edge_update_fused, (), (t, w))[0]
         (t,) = edges.map_chunks(edge_update, (q_nodes,), (t, sh))
         return t
 

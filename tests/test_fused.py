@@ -46,6 +46,26 @@ def test_kernels_match_xla_to_second_order(name):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-11)
 
 
+def test_projected_dot_matches_xla_to_second_order():
+    rng = np.random.default_rng(2)
+    senders = jnp.asarray(rng.integers(0, N, N * M), jnp.int32)
+    q, k = (jnp.asarray(rng.normal(size=(N, S, F))) for _ in range(2))
+    y = jnp.asarray(rng.normal(size=(N * M, S)))
+    kernel = lambda q, k, y: fused.projected_dot(q, k, y, senders, M)  # noqa: E731
+    ref = lambda q, k, y: fused.reference_projected_dot(q, k, y, senders, M)  # noqa: E731
+    np.testing.assert_allclose(jax.jit(kernel)(q, k, y), ref(q, k, y), rtol=0, atol=1e-13)
+
+    def first(fn, *args):
+        return jax.grad(lambda *a: jnp.sum(jnp.sin(fn(*a))), argnums=(0, 1, 2))(*args)
+
+    def second(fn, *args):
+        return jax.grad(lambda *a: sum(jnp.sum(g**2) for g in first(fn, *a)), argnums=(0, 1, 2))(*args)
+
+    for got, want in zip(first(kernel, q, k, y) + second(kernel, q, k, y), first(ref, q, k, y) + second(ref, q, k, y),
+                         strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-11)
+
+
 def test_float32_and_vmap():
     rng = np.random.default_rng(1)
     senders = jnp.asarray(rng.integers(0, N, N * M), jnp.int32)
@@ -94,7 +114,8 @@ def test_force_loss_parameter_gradients_equal_the_xla_path(tiny, block_batch):
 def test_plan_keeps_the_extra_memory_within_budget(monkeypatch):
     cfg = gd.GeoditeConfig.preset("mp")
     assert fused.plan(20_000, cfg, jnp.float32) == (True, True)  # Cu-256: both
-    assert fused.plan(46_552, cfg, jnp.float32) == (True, False)  # Si-1000: the messages only
+    assert fused.plan(46_552, cfg, jnp.float32) == (True, True)  # Si-1000: 250 MB
+    assert fused.plan(60_000, cfg, jnp.float32) == (True, False)  # the messages first
     assert fused.plan(368_000, cfg, jnp.float32) == (False, False)  # Si-8000: the chunked XLA path
     monkeypatch.setenv("GEODITE_FUSED", "0")
     fused.unavailable_reason.cache_clear()
