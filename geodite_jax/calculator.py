@@ -26,7 +26,9 @@ class GeoditeCalculator(Calculator):
 
     ``chunk_edges``: edge slots per chunk of receiver nodes (``None``: the model's default, ``0``: no
     chunks). Chunks bound the memory of an evaluation by the node state and one ``[E, F]`` edge state per
-    layer; the numbers do not depend on it.
+    layer; the numbers do not depend on it. ``fused``: the fused CPU kernels of :mod:`geodite_jax.fused`
+    (``None``: within their memory budget; ``True``: at any size, for speed at ~3 KB more per edge;
+    ``False``: never); the numbers do not depend on it either.
     """
 
     #: Graphs with at least this many edges always use the neighbour-block layout (chunked, bounded
@@ -36,12 +38,13 @@ class GeoditeCalculator(Calculator):
     implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
 
     def __init__(self, potential: Potential, dtype: str = "float32", chunk_edges: int | None = None,
-                 **kwargs: Any) -> None:
+                 fused: bool | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         jdtype = resolve_dtype(dtype)
         self.potential = potential
         self.dtype = dtype
         self.chunk_edges = chunk_edges
+        self.fused = fused
         self._state = potential.state(jdtype)
         self._vacuum = potential.vacuum_energies(jdtype) if potential.config.vacuum else None
         self._predictors: dict[int | None, Any] = {}  # one jitted function per edge layout
@@ -58,7 +61,7 @@ class GeoditeCalculator(Calculator):
         if neighbours_per_node not in self._predictors:
             self._predictors[neighbours_per_node] = jax.jit(
                 make_predict_fn(self.potential.config, neighbours_per_node=neighbours_per_node,
-                                chunk_edges=self.chunk_edges))
+                                chunk_edges=self.chunk_edges, fused=self.fused))
         return self._predictors[neighbours_per_node]
 
     def calculate(self, atoms: Atoms | None = None, properties: list[str] | None = None,

@@ -16,8 +16,8 @@ dx = T(v, g); ``T``: dw = D(g, u), dg = A(w, u)) and the family is differentiabl
 Without the kernels XLA forms each ``[E, S, F]`` product in memory and turns every sender gather into a
 scatter-add in the backward pass; a kernel keeps one receiver's ``[S, F]`` rows in L1 and reads each
 sender row once. The C++ source below is compiled with the system C++ compiler at first use (cached per
-source and jaxlib version, like :mod:`geodite_jax.lammps_plugin`). Where it cannot be (no compiler, another
-platform), :func:`available` is False and the model keeps its pure-XLA path, with the same numbers.
+source, jaxlib version and CPU, like :mod:`geodite_jax.lammps_plugin`). Where it cannot be (no compiler,
+another platform), :func:`available` is False and the model keeps its pure-XLA path, with the same numbers.
 """
 
 from __future__ import annotations
@@ -351,11 +351,120 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GeoditeProjectedDot, projected_dot_impl,
                               ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>().Ret<ffi::AnyBuffer>().Attr<int64_t>("block")
                                   .Attr<int64_t>("split"));
+// Its first derivatives, given the cotangent v [E, F]: dq [Nq, S, F], dk [Nk, S, F], dy [E, S]. Pass 1 runs over
+// receivers (dq, dy: gathers only); pass 2 gives each thread a range of sender rows (dk: no races).
+template <typename T>
+static void projected_dot_bwd(const T* q, const T* k, const T* y, const T* v, const int32_t* snd, T* dq, T* dk,
+                              T* dy, int64_t nr, int64_t nk, int64_t m, int64_t s_rows, int64_t f, int64_t split) {
+  auto projections = [&](const T* qn, const T* kj, const T* ye, T* yq1, T* yk1, T* yq2, T* yk2) {
+    std::fill(yq1, yq1 + 4 * f, T(0));  // the four rows are contiguous
+    for (int64_t s = 0; s < s_rows; ++s) {
+      T* yq = s < split ? yq1 : yq2;
+      T* yk = s < split ? yk1 : yk2;
+      const T ys = ye[s];
+      for (int64_t c = 0; c < f; ++c) {
+        yq[c] += ys * qn[s * f + c];
+        yk[c] += ys * kj[s * f + c];
+      }
+    }
+  };
+  parallel_for(nr, 16, [&](int64_t lo, int64_t hi) {
+    std::vector<T> tmp(4 * f);
+    T *yq1 = tmp.data(), *yk1 = yq1 + f, *yq2 = yk1 + f, *yk2 = yq2 + f;
+    for (int64_t n = lo; n < hi; ++n) {
+      const T* qn = q + n * s_rows * f;
+      T* dqn = dq + n * s_rows * f;
+      std::fill(dqn, dqn + s_rows * f, T(0));
+      for (int64_t j = 0; j < m; ++j) {
+        const int64_t e = n * m + j;
+        const T* kj = k + int64_t(snd[e]) * s_rows * f;
+        const T* ye = y + e * s_rows;
+        const T* ve = v + e * f;
+        projections(qn, kj, ye, yq1, yk1, yq2, yk2);
+        for (int64_t s = 0; s < s_rows; ++s) {
+          const T* yk = s < split ? yk1 : yk2;
+          const T* yq = s < split ? yq1 : yq2;
+          const T ys = ye[s];
+          T lanes[16] = {};
+          int64_t c = 0;
+          for (; c + 16 <= f; c += 16)
+            for (int l = 0; l < 16; ++l) {
+              const int64_t i = c + l;
+              dqn[s * f + i] += ve[i] * (kj[s * f + i] - ys * yk[i]);
+              lanes[l] += ve[i] * (qn[s * f + i] * yk[i] + kj[s * f + i] * yq[i]);
+            }
+          for (; c < f; ++c) {
+            dqn[s * f + c] += ve[c] * (kj[s * f + c] - ys * yk[c]);
+            lanes[0] += ve[c] * (qn[s * f + c] * yk[c] + kj[s * f + c] * yq[c]);
+          }
+          T acc = 0;
+          for (int l = 0; l < 16; ++l) acc += lanes[l];
+          dy[e * s_rows + s] = -acc;
+        }
+      }
+    }
+  });
+  const int64_t n_edges = nr * m;
+  parallel_for(nk, 16, [&](int64_t lo, int64_t hi) {
+    std::vector<T> tmp(4 * f);
+    T *yq1 = tmp.data(), *yk1 = yq1 + f, *yq2 = yk1 + f, *yk2 = yq2 + f;
+    std::fill(dk + lo * s_rows * f, dk + hi * s_rows * f, T(0));
+    for (int64_t e = 0; e < n_edges; ++e) {
+      const int64_t kk = snd[e];
+      if (kk < lo || kk >= hi) continue;
+      const T* qn = q + (e / m) * s_rows * f;
+      const T* kj = k + kk * s_rows * f;
+      const T* ye = y + e * s_rows;
+      const T* ve = v + e * f;
+      projections(qn, kj, ye, yq1, yk1, yq2, yk2);
+      T* dkj = dk + kk * s_rows * f;
+      for (int64_t s = 0; s < s_rows; ++s) {
+        const T* yq = s < split ? yq1 : yq2;
+        const T ys = ye[s];
+        for (int64_t c = 0; c < f; ++c) dkj[s * f + c] += ve[c] * (qn[s * f + c] - ys * yq[c]);
+      }
+    }
+  });
+}
+
+static ffi::Error projected_dot_bwd_impl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer y, ffi::AnyBuffer v,
+                                         ffi::Buffer<ffi::S32> snd, ffi::Result<ffi::AnyBuffer> dq,
+                                         ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dy,
+                                         int64_t block, int64_t split) {
+  auto kd = k.dimensions();
+  const int64_t f = kd.back(), s_rows = k.element_count() / kd.front() / f, e = snd.element_count();
+  if (auto err = check_senders(snd, kd.front()); err.failure()) return err;
+  if (k.element_type() == ffi::DataType::F32)
+    projected_dot_bwd(q.typed_data<float>(), k.typed_data<float>(), y.typed_data<float>(), v.typed_data<float>(),
+                      snd.typed_data(), dq->typed_data<float>(), dk->typed_data<float>(), dy->typed_data<float>(),
+                      e / block, kd.front(), block, s_rows, f, split);
+  else
+    projected_dot_bwd(q.typed_data<double>(), k.typed_data<double>(), y.typed_data<double>(), v.typed_data<double>(),
+                      snd.typed_data(), dq->typed_data<double>(), dk->typed_data<double>(), dy->typed_data<double>(),
+                      e / block, kd.front(), block, s_rows, f, split);
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GeoditeProjectedDotBwd, projected_dot_bwd_impl,
+                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>().Arg<ffi::Buffer<ffi::S32>>().Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>().Attr<int64_t>("block")
+                                  .Attr<int64_t>("split"));
 """
 
 _TARGETS = {"gather_sum": "GeoditeGatherSum", "edge_dot": "GeoditeEdgeDot", "scatter_sum": "GeoditeScatterSum",
             "proj": "GeoditeProj", "proj_dc": "GeoditeProjDc", "proj_dx": "GeoditeProjDx",
-            "projected_dot": "GeoditeProjectedDot"}
+            "projected_dot": "GeoditeProjectedDot", "projected_dot_bwd": "GeoditeProjectedDotBwd"}
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags: the library is built for this CPU (``-march=native``), so a shared cache
+    must not hand it to another."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return ""
 
 
 def build(cache: str | os.PathLike | None = None) -> Path:
@@ -363,7 +472,7 @@ def build(cache: str | os.PathLike | None = None) -> Path:
     import jaxlib
 
     include = jax.ffi.include_dir()
-    key = hashlib.sha256((_SOURCE + jaxlib.__version__).encode()).hexdigest()[:16]
+    key = hashlib.sha256((_SOURCE + jaxlib.__version__ + _cpu_flags()).encode()).hexdigest()[:16]
     cache = Path(cache or os.environ.get("GEODITE_CACHE", Path(tempfile.gettempdir()) / "geodite_jax"))
     target = cache / f"fused_kernels_{key}.so"
     if target.is_file():
@@ -559,8 +668,9 @@ def projected_dot(q: jax.Array, k: jax.Array, y: jax.Array, senders: jax.Array, 
     """Q⊥·K⊥ of the edge update: ``q [N, S, F]`` (receivers), ``k [N', S, F]`` (senders), ``y [E, S]``
     (unit harmonics per degree) -> ``[E, F]`` = Σ_s q_r k_s − Σ_L (Y_L·q_r)(Y_L·k_s).
 
-    One kernel pass in the forward; the backward recomputes ``Y_L·q`` and ``Y_L·k`` with the kernels above
-    (so only the inputs are kept, and every order of derivative exists).
+    One kernel pass in the forward and one (two sweeps) in the backward, which recomputes ``Y_L·q`` and
+    ``Y_L·k`` (only the inputs are kept); higher derivatives come from the same gradient composed of the
+    kernels above, so every order exists.
     """
     _require()
     out = jax.ShapeDtypeStruct((senders.shape[0], k.shape[-1]), k.dtype)
@@ -579,8 +689,10 @@ def _projected_dot_fwd(q: jax.Array, k: jax.Array, y: jax.Array, senders: jax.Ar
     return projected_dot(q, k, y, senders, block), (q, k, y, senders)
 
 
-def _projected_dot_bwd(block: int, res: tuple, v: jax.Array) -> tuple:
-    q, k, y, senders = res
+def _projected_dot_grads(q: jax.Array, k: jax.Array, y: jax.Array, v: jax.Array, senders: jax.Array,
+                         block: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(dq, dk, dy)`` of :func:`projected_dot` for the cotangent ``v [E, F]``, composed of the other kernels
+    (differentiable again): the rule of the second and higher derivatives."""
     n, f = q.shape[0], q.shape[-1]
     yq = _receiver_proj(y, q, block)
     yk = proj(y, k, senders)
@@ -596,9 +708,38 @@ def _projected_dot_bwd(block: int, res: tuple, v: jax.Array) -> tuple:
     dq = gather_sum(v, k, senders, block) - dq_proj
     dk = scatter_sum(v, q, senders, block, k.shape[0]) - proj_dx(y, vyq, senders, k.shape[0])
     dy = -(proj_dc(vyq, k, senders) + dy_q)
-    return dq, dk, dy.astype(y.dtype), _zero_senders(senders)
+    return dq, dk, dy.astype(y.dtype)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def projected_dot_grads(q: jax.Array, k: jax.Array, y: jax.Array, v: jax.Array, senders: jax.Array,
+                        block: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """:func:`_projected_dot_grads` in one kernel: no ``[E, 2, F]`` projections in memory (forces)."""
+    _require()
+    outs = (jax.ShapeDtypeStruct(q.shape, k.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
+            jax.ShapeDtypeStruct(y.shape, k.dtype))
+    dq, dk, dy = jax.ffi.ffi_call(_TARGETS["projected_dot_bwd"], outs, vmap_method="sequential")(
+        q, k, y.astype(k.dtype), v, senders.astype(jnp.int32), block=np.int64(block), split=np.int64(SPLIT))
+    return dq, dk, dy.astype(y.dtype)
+
+
+def _projected_dot_grads_fwd(q: jax.Array, k: jax.Array, y: jax.Array, v: jax.Array, senders: jax.Array,
+                             block: int) -> _Fwd:
+    return projected_dot_grads(q, k, y, v, senders, block), (q, k, y, v, senders)
+
+
+def _projected_dot_grads_bwd(block: int, res: tuple, cot: tuple) -> tuple:
+    q, k, y, v, senders = res
+    _, vjp = jax.vjp(lambda *a: _projected_dot_grads(*a, senders, block), q, k, y, v)
+    return (*vjp(cot), _zero_senders(senders))
+
+
+def _projected_dot_bwd(block: int, res: tuple, v: jax.Array) -> tuple:
+    q, k, y, senders = res
+    return (*projected_dot_grads(q, k, y, v, senders, block), _zero_senders(senders))
+
+
+projected_dot_grads.defvjp(_projected_dot_grads_fwd, _projected_dot_grads_bwd)
 projected_dot.defvjp(_projected_dot_fwd, _projected_dot_bwd)
 
 
