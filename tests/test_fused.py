@@ -113,9 +113,10 @@ def test_force_loss_parameter_gradients_equal_the_xla_path(tiny, block_batch):
 
 def test_plan_keeps_the_extra_memory_within_budget(monkeypatch):
     cfg = gd.GeoditeConfig.preset("mp")
-    assert fused.plan(20_000, cfg, jnp.float32) == (True, True)  # Cu-256: both
     assert fused.plan(46_552, cfg, jnp.float32) == (True, True)  # Si-1000: 250 MB
-    assert fused.plan(60_000, cfg, jnp.float32) == (True, False)  # the messages first
+    assert fused.plan(46_552, cfg, jnp.float64) == (True, True)  # 500 MB
+    assert fused.plan(190_000, cfg, jnp.float32) == (True, True)  # Si-4096: 1.0 GB
+    assert fused.plan(260_000, cfg, jnp.float32) == (True, False)  # the messages first
     assert fused.plan(368_000, cfg, jnp.float32) == (False, False)  # Si-8000: the chunked XLA path
     monkeypatch.setenv("GEODITE_FUSED", "0")
     fused.unavailable_reason.cache_clear()
