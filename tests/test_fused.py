@@ -95,6 +95,7 @@ def test_model_numbers_equal_the_xla_path_in_float64(tiny, block_batch, chunk_ed
         np.testing.assert_allclose(out[True][key], out[False][key], rtol=0, atol=1e-10, err_msg=key)
 
 
+@pytest.mark.slow  # 16 s; training uses the sparse layout today; the kernels' second derivatives are tested above
 def test_force_loss_parameter_gradients_equal_the_xla_path(tiny, block_batch):
     batch, block = block_batch
 

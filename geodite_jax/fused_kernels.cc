@@ -1,0 +1,414 @@
+// Fused sender-gather contractions for Geodite's neighbour-block layout: XLA:CPU FFI handlers.
+// Compiled at first use by geodite_jax/fused.py (see its docstring for the operations and their VJPs).
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <thread>
+#include <vector>
+#include <sched.h>
+#include "xla/ffi/api/ffi.h"
+namespace ffi = xla::ffi;
+
+static int num_threads() {
+  static int n = [] {
+    const char* env = std::getenv("GEODITE_KERNEL_THREADS");
+    if (env && std::atoi(env) > 0) return std::atoi(env);
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+    return 1;
+  }();
+  return n;
+}
+
+// fn(lo, hi) over [0, n) split into contiguous ranges, one per thread (the caller runs the first).
+template <typename Fn> static void parallel_for(int64_t n, int64_t min_per_thread, Fn&& fn) {
+  int64_t t = std::min<int64_t>(num_threads(), std::max<int64_t>(1, n / std::max<int64_t>(1, min_per_thread)));
+  std::vector<std::thread> workers;
+  for (int64_t k = 1; k < t; ++k) workers.emplace_back([&, k] { fn(n * k / t, n * (k + 1) / t); });
+  fn(0, n / t);
+  for (auto& w : workers) w.join();
+}
+
+template <typename T>
+static void gather_sum(const T* w, const T* x, const int32_t* snd, T* out, int64_t nr, int64_t m, int64_t sf,
+                       int64_t f) {
+  const int64_t s_rows = sf / f;
+  parallel_for(nr, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t n = lo; n < hi; ++n) {
+      T* o = out + n * sf;
+      std::fill(o, o + sf, T(0));
+      for (int64_t j = 0; j < m; ++j) {
+        const int64_t e = n * m + j;
+        const T* we = w + e * f;
+        const T* xs = x + int64_t(snd[e]) * sf;
+        for (int64_t s = 0; s < s_rows; ++s) {
+          T* os = o + s * f;
+          const T* xss = xs + s * f;
+          for (int64_t c = 0; c < f; ++c) os[c] += we[c] * xss[c];
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+static void edge_dot(const T* g, const T* x, const int32_t* snd, T* out, int64_t nr, int64_t m, int64_t sf,
+                     int64_t f) {
+  const int64_t s_rows = sf / f;
+  parallel_for(nr, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t n = lo; n < hi; ++n) {
+      const T* gn = g + n * sf;
+      for (int64_t j = 0; j < m; ++j) {
+        const int64_t e = n * m + j;
+        T* o = out + e * f;
+        const T* xs = x + int64_t(snd[e]) * sf;
+        std::fill(o, o + f, T(0));
+        for (int64_t s = 0; s < s_rows; ++s) {
+          const T* gs = gn + s * f;
+          const T* xss = xs + s * f;
+          for (int64_t c = 0; c < f; ++c) o[c] += gs[c] * xss[c];
+        }
+      }
+    }
+  });
+}
+
+// Each thread owns a contiguous range of sender rows and scans all edges for them: no races, no atomics.
+template <typename T>
+static void scatter_sum(const T* w, const T* g, const int32_t* snd, T* out, int64_t n_out, int64_t n_edges,
+                        int64_t m, int64_t sf, int64_t f) {
+  const int64_t s_rows = sf / f;
+  parallel_for(n_out, 16, [&](int64_t lo, int64_t hi) {
+    std::fill(out + lo * sf, out + hi * sf, T(0));
+    for (int64_t e = 0; e < n_edges; ++e) {
+      const int64_t k = snd[e];
+      if (k < lo || k >= hi) continue;
+      const T* we = w + e * f;
+      const T* gr = g + (e / m) * sf;
+      T* o = out + k * sf;
+      for (int64_t s = 0; s < s_rows; ++s) {
+        T* os = o + s * f;
+        const T* gs = gr + s * f;
+        for (int64_t c = 0; c < f; ++c) os[c] += we[c] * gs[c];
+      }
+    }
+  });
+}
+
+static ffi::Error check_senders(ffi::Buffer<ffi::S32> snd, int64_t n_rows) {
+  const int32_t* p = snd.typed_data();
+  for (int64_t e = 0, n = snd.element_count(); e < n; ++e)
+    if (p[e] < 0 || p[e] >= n_rows) return ffi::Error::InvalidArgument("sender index out of range");
+  return ffi::Error::Success();
+}
+
+static ffi::Error gather_sum_impl(ffi::AnyBuffer w, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> snd,
+                                  ffi::Result<ffi::AnyBuffer> out, int64_t block) {
+  auto xd = x.dimensions();
+  const int64_t f = xd.back(), sf = x.element_count() / xd.front(), e = snd.element_count();
+  if (auto err = check_senders(snd, xd.front()); err.failure()) return err;
+  if (x.element_type() == ffi::DataType::F32)
+    gather_sum(w.typed_data<float>(), x.typed_data<float>(), snd.typed_data(), out->typed_data<float>(), e / block,
+               block, sf, f);
+  else
+    gather_sum(w.typed_data<double>(), x.typed_data<double>(), snd.typed_data(), out->typed_data<double>(),
+               e / block, block, sf, f);
+  return ffi::Error::Success();
+}
+
+static ffi::Error edge_dot_impl(ffi::AnyBuffer g, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> snd,
+                                ffi::Result<ffi::AnyBuffer> out, int64_t block) {
+  auto xd = x.dimensions();
+  const int64_t f = xd.back(), sf = x.element_count() / xd.front(), e = snd.element_count();
+  if (auto err = check_senders(snd, xd.front()); err.failure()) return err;
+  if (x.element_type() == ffi::DataType::F32)
+    edge_dot(g.typed_data<float>(), x.typed_data<float>(), snd.typed_data(), out->typed_data<float>(), e / block,
+             block, sf, f);
+  else
+    edge_dot(g.typed_data<double>(), x.typed_data<double>(), snd.typed_data(), out->typed_data<double>(),
+             e / block, block, sf, f);
+  return ffi::Error::Success();
+}
+
+static ffi::Error scatter_sum_impl(ffi::AnyBuffer w, ffi::AnyBuffer g, ffi::Buffer<ffi::S32> snd,
+                                   ffi::Result<ffi::AnyBuffer> out, int64_t block) {
+  auto od = out->dimensions();
+  const int64_t f = od.back(), sf = out->element_count() / od.front(), e = snd.element_count();
+  if (auto err = check_senders(snd, od.front()); err.failure()) return err;
+  if (g.element_type() == ffi::DataType::F32)
+    scatter_sum(w.typed_data<float>(), g.typed_data<float>(), snd.typed_data(), out->typed_data<float>(), od.front(),
+                e, block, sf, f);
+  else
+    scatter_sum(w.typed_data<double>(), g.typed_data<double>(), snd.typed_data(), out->typed_data<double>(),
+                od.front(), e, block, sf, f);
+  return ffi::Error::Success();
+}
+
+#define BIND ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::Buffer<ffi::S32>>() \
+    .Ret<ffi::AnyBuffer>().Attr<int64_t>("block")
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GeoditeGatherSum, gather_sum_impl, BIND);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GeoditeEdgeDot, edge_dot_impl, BIND);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GeoditeScatterSum, scatter_sum_impl, BIND);
+// Degree projections: rows s < split form group 0, the rest group 1 (L=1 rows 0-2, L=2 rows 3-7).
+// proj:    out[e, l, :] = sum_{s in l} c[e, s] x[snd[e], s, :]                     [E, 2, F]
+// proj_dc: out[e, s]    = sum_f u[e, l(s), f] x[snd[e], s, f]                       [E, S]
+// proj_dx: out[k, s, :] = sum_{e: snd[e] = k} c[e, s] u[e, l(s), :]                 [N, S, F]
+template <typename T>
+static void proj(const T* c, const T* x, const int32_t* snd, T* out, int64_t n_edges, int64_t s_rows, int64_t f,
+                 int64_t split) {
+  parallel_for(n_edges, 256, [&](int64_t lo, int64_t hi) {
+    for (int64_t e = lo; e < hi; ++e) {
+      const T* xs = x + int64_t(snd[e]) * s_rows * f;
+      T* o = out + e * 2 * f;
+      std::fill(o, o + 2 * f, T(0));
+      for (int64_t s = 0; s < s_rows; ++s) {
+        T* ol = o + (s < split ? 0 : f);
+        const T cs = c[e * s_rows + s];
+        const T* xss = xs + s * f;
+        for (int64_t k = 0; k < f; ++k) ol[k] += cs * xss[k];
+      }
+    }
+  });
+}
+
+template <typename T>
+static void proj_dc(const T* u, const T* x, const int32_t* snd, T* out, int64_t n_edges, int64_t s_rows, int64_t f,
+                    int64_t split) {
+  parallel_for(n_edges, 256, [&](int64_t lo, int64_t hi) {
+    for (int64_t e = lo; e < hi; ++e) {
+      const T* xs = x + int64_t(snd[e]) * s_rows * f;
+      for (int64_t s = 0; s < s_rows; ++s) {
+        const T* ul = u + e * 2 * f + (s < split ? 0 : f);
+        const T* xss = xs + s * f;
+        // Lane-wise partial sums, so the compiler vectorises the reduction without reassociating it.
+        T lanes[16] = {};
+        int64_t k = 0;
+        for (; k + 16 <= f; k += 16)
+          for (int l = 0; l < 16; ++l) lanes[l] += ul[k + l] * xss[k + l];
+        for (; k < f; ++k) lanes[0] += ul[k] * xss[k];
+        T acc = 0;
+        for (int l = 0; l < 16; ++l) acc += lanes[l];
+        out[e * s_rows + s] = acc;
+      }
+    }
+  });
+}
+
+template <typename T>
+static void proj_dx(const T* c, const T* u, const int32_t* snd, T* out, int64_t n_out, int64_t n_edges,
+                    int64_t s_rows, int64_t f, int64_t split) {
+  parallel_for(n_out, 16, [&](int64_t lo, int64_t hi) {
+    std::fill(out + lo * s_rows * f, out + hi * s_rows * f, T(0));
+    for (int64_t e = 0; e < n_edges; ++e) {
+      const int64_t k = snd[e];
+      if (k < lo || k >= hi) continue;
+      T* o = out + k * s_rows * f;
+      for (int64_t s = 0; s < s_rows; ++s) {
+        const T cs = c[e * s_rows + s];
+        const T* ul = u + e * 2 * f + (s < split ? 0 : f);
+        T* os = o + s * f;
+        for (int64_t q = 0; q < f; ++q) os[q] += cs * ul[q];
+      }
+    }
+  });
+}
+
+static ffi::Error proj_impl(ffi::AnyBuffer c, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> snd,
+                            ffi::Result<ffi::AnyBuffer> out, int64_t split) {
+  auto xd = x.dimensions();
+  const int64_t f = xd.back(), s_rows = x.element_count() / xd.front() / f, e = snd.element_count();
+  if (auto err = check_senders(snd, xd.front()); err.failure()) return err;
+  if (x.element_type() == ffi::DataType::F32)
+    proj(c.typed_data<float>(), x.typed_data<float>(), snd.typed_data(), out->typed_data<float>(), e, s_rows, f, split);
+  else
+    proj(c.typed_data<double>(), x.typed_data<double>(), snd.typed_data(), out->typed_data<double>(), e, s_rows, f,
+         split);
+  return ffi::Error::Success();
+}
+
+static ffi::Error proj_dc_impl(ffi::AnyBuffer u, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> snd,
+                               ffi::Result<ffi::AnyBuffer> out, int64_t split) {
+  auto xd = x.dimensions();
+  const int64_t f = xd.back(), s_rows = x.element_count() / xd.front() / f, e = snd.element_count();
+  if (auto err = check_senders(snd, xd.front()); err.failure()) return err;
+  if (x.element_type() == ffi::DataType::F32)
+    proj_dc(u.typed_data<float>(), x.typed_data<float>(), snd.typed_data(), out->typed_data<float>(), e, s_rows, f,
+            split);
+  else
+    proj_dc(u.typed_data<double>(), x.typed_data<double>(), snd.typed_data(), out->typed_data<double>(), e, s_rows,
+            f, split);
+  return ffi::Error::Success();
+}
+
+static ffi::Error proj_dx_impl(ffi::AnyBuffer c, ffi::AnyBuffer u, ffi::Buffer<ffi::S32> snd,
+                               ffi::Result<ffi::AnyBuffer> out, int64_t split) {
+  auto od = out->dimensions();
+  const int64_t f = od.back(), s_rows = out->element_count() / od.front() / f, e = snd.element_count();
+  if (auto err = check_senders(snd, od.front()); err.failure()) return err;
+  if (u.element_type() == ffi::DataType::F32)
+    proj_dx(c.typed_data<float>(), u.typed_data<float>(), snd.typed_data(), out->typed_data<float>(), od.front(), e,
+            s_rows, f, split);
+  else
+    proj_dx(c.typed_data<double>(), u.typed_data<double>(), snd.typed_data(), out->typed_data<double>(), od.front(),
+            e, s_rows, f, split);
+  return ffi::Error::Success();
+}
+
+#define BIND_PROJ ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::Buffer<ffi::S32>>() \
+    .Ret<ffi::AnyBuffer>().Attr<int64_t>("split")
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GeoditeProj, proj_impl, BIND_PROJ);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GeoditeProjDc, proj_dc_impl, BIND_PROJ);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GeoditeProjDx, proj_dx_impl, BIND_PROJ);
+// Projected inner products, Q⊥·K⊥ = Q·K − Σ_L (Y_L·Q)(Y_L·K), per edge of the block layout:
+// out[e, :] = sum_s q[r(e), s, :] k[snd[e], s, :]
+//             − sum_L (sum_{s in L} y[e, s] q[r(e), s, :]) (sum_{s in L} y[e, s] k[snd[e], s, :])
+template <typename T>
+static void projected_dot(const T* q, const T* k, const T* y, const int32_t* snd, T* out, int64_t nr, int64_t m,
+                          int64_t s_rows, int64_t f, int64_t split) {
+  parallel_for(nr, 16, [&](int64_t lo, int64_t hi) {
+    std::vector<T> tmp(4 * f);
+    T *yq1 = tmp.data(), *yk1 = yq1 + f, *yq2 = yk1 + f, *yk2 = yq2 + f;
+    for (int64_t n = lo; n < hi; ++n) {
+      const T* qn = q + n * s_rows * f;
+      for (int64_t j = 0; j < m; ++j) {
+        const int64_t e = n * m + j;
+        const T* kj = k + int64_t(snd[e]) * s_rows * f;
+        const T* ye = y + e * s_rows;
+        T* o = out + e * f;
+        std::fill(tmp.begin(), tmp.end(), T(0));
+        std::fill(o, o + f, T(0));
+        for (int64_t s = 0; s < s_rows; ++s) {
+          const T* qs = qn + s * f;
+          const T* ks = kj + s * f;
+          const T ys = ye[s];
+          T* yq = s < split ? yq1 : yq2;
+          T* yk = s < split ? yk1 : yk2;
+          for (int64_t c = 0; c < f; ++c) {
+            o[c] += qs[c] * ks[c];
+            yq[c] += ys * qs[c];
+            yk[c] += ys * ks[c];
+          }
+        }
+        for (int64_t c = 0; c < f; ++c) o[c] -= yq1[c] * yk1[c] + yq2[c] * yk2[c];
+      }
+    }
+  });
+}
+
+static ffi::Error projected_dot_impl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer y, ffi::Buffer<ffi::S32> snd,
+                                     ffi::Result<ffi::AnyBuffer> out, int64_t block, int64_t split) {
+  auto kd = k.dimensions();
+  const int64_t f = kd.back(), s_rows = k.element_count() / kd.front() / f, e = snd.element_count();
+  if (auto err = check_senders(snd, kd.front()); err.failure()) return err;
+  if (k.element_type() == ffi::DataType::F32)
+    projected_dot(q.typed_data<float>(), k.typed_data<float>(), y.typed_data<float>(), snd.typed_data(),
+                  out->typed_data<float>(), e / block, block, s_rows, f, split);
+  else
+    projected_dot(q.typed_data<double>(), k.typed_data<double>(), y.typed_data<double>(), snd.typed_data(),
+                  out->typed_data<double>(), e / block, block, s_rows, f, split);
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GeoditeProjectedDot, projected_dot_impl,
+                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>().Ret<ffi::AnyBuffer>().Attr<int64_t>("block")
+                                  .Attr<int64_t>("split"));
+// Its first derivatives, given the cotangent v [E, F]: dq [Nq, S, F], dk [Nk, S, F], dy [E, S]. Pass 1 runs over
+// receivers (dq, dy: gathers only); pass 2 gives each thread a range of sender rows (dk: no races).
+template <typename T>
+static void projected_dot_bwd(const T* q, const T* k, const T* y, const T* v, const int32_t* snd, T* dq, T* dk,
+                              T* dy, int64_t nr, int64_t nk, int64_t m, int64_t s_rows, int64_t f, int64_t split) {
+  auto projections = [&](const T* qn, const T* kj, const T* ye, T* yq1, T* yk1, T* yq2, T* yk2) {
+    std::fill(yq1, yq1 + 4 * f, T(0));  // the four rows are contiguous
+    for (int64_t s = 0; s < s_rows; ++s) {
+      T* yq = s < split ? yq1 : yq2;
+      T* yk = s < split ? yk1 : yk2;
+      const T ys = ye[s];
+      for (int64_t c = 0; c < f; ++c) {
+        yq[c] += ys * qn[s * f + c];
+        yk[c] += ys * kj[s * f + c];
+      }
+    }
+  };
+  parallel_for(nr, 16, [&](int64_t lo, int64_t hi) {
+    std::vector<T> tmp(4 * f);
+    T *yq1 = tmp.data(), *yk1 = yq1 + f, *yq2 = yk1 + f, *yk2 = yq2 + f;
+    for (int64_t n = lo; n < hi; ++n) {
+      const T* qn = q + n * s_rows * f;
+      T* dqn = dq + n * s_rows * f;
+      std::fill(dqn, dqn + s_rows * f, T(0));
+      for (int64_t j = 0; j < m; ++j) {
+        const int64_t e = n * m + j;
+        const T* kj = k + int64_t(snd[e]) * s_rows * f;
+        const T* ye = y + e * s_rows;
+        const T* ve = v + e * f;
+        projections(qn, kj, ye, yq1, yk1, yq2, yk2);
+        for (int64_t s = 0; s < s_rows; ++s) {
+          const T* yk = s < split ? yk1 : yk2;
+          const T* yq = s < split ? yq1 : yq2;
+          const T ys = ye[s];
+          T lanes[16] = {};
+          int64_t c = 0;
+          for (; c + 16 <= f; c += 16)
+            for (int l = 0; l < 16; ++l) {
+              const int64_t i = c + l;
+              dqn[s * f + i] += ve[i] * (kj[s * f + i] - ys * yk[i]);
+              lanes[l] += ve[i] * (qn[s * f + i] * yk[i] + kj[s * f + i] * yq[i]);
+            }
+          for (; c < f; ++c) {
+            dqn[s * f + c] += ve[c] * (kj[s * f + c] - ys * yk[c]);
+            lanes[0] += ve[c] * (qn[s * f + c] * yk[c] + kj[s * f + c] * yq[c]);
+          }
+          T acc = 0;
+          for (int l = 0; l < 16; ++l) acc += lanes[l];
+          dy[e * s_rows + s] = -acc;
+        }
+      }
+    }
+  });
+  const int64_t n_edges = nr * m;
+  parallel_for(nk, 16, [&](int64_t lo, int64_t hi) {
+    std::vector<T> tmp(4 * f);
+    T *yq1 = tmp.data(), *yk1 = yq1 + f, *yq2 = yk1 + f, *yk2 = yq2 + f;
+    std::fill(dk + lo * s_rows * f, dk + hi * s_rows * f, T(0));
+    for (int64_t e = 0; e < n_edges; ++e) {
+      const int64_t kk = snd[e];
+      if (kk < lo || kk >= hi) continue;
+      const T* qn = q + (e / m) * s_rows * f;
+      const T* kj = k + kk * s_rows * f;
+      const T* ye = y + e * s_rows;
+      const T* ve = v + e * f;
+      projections(qn, kj, ye, yq1, yk1, yq2, yk2);
+      T* dkj = dk + kk * s_rows * f;
+      for (int64_t s = 0; s < s_rows; ++s) {
+        const T* yq = s < split ? yq1 : yq2;
+        const T ys = ye[s];
+        for (int64_t c = 0; c < f; ++c) dkj[s * f + c] += ve[c] * (qn[s * f + c] - ys * yq[c]);
+      }
+    }
+  });
+}
+
+static ffi::Error projected_dot_bwd_impl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer y, ffi::AnyBuffer v,
+                                         ffi::Buffer<ffi::S32> snd, ffi::Result<ffi::AnyBuffer> dq,
+                                         ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dy,
+                                         int64_t block, int64_t split) {
+  auto kd = k.dimensions();
+  const int64_t f = kd.back(), s_rows = k.element_count() / kd.front() / f, e = snd.element_count();
+  if (auto err = check_senders(snd, kd.front()); err.failure()) return err;
+  if (k.element_type() == ffi::DataType::F32)
+    projected_dot_bwd(q.typed_data<float>(), k.typed_data<float>(), y.typed_data<float>(), v.typed_data<float>(),
+                      snd.typed_data(), dq->typed_data<float>(), dk->typed_data<float>(), dy->typed_data<float>(),
+                      e / block, kd.front(), block, s_rows, f, split);
+  else
+    projected_dot_bwd(q.typed_data<double>(), k.typed_data<double>(), y.typed_data<double>(), v.typed_data<double>(),
+                      snd.typed_data(), dq->typed_data<double>(), dk->typed_data<double>(), dy->typed_data<double>(),
+                      e / block, kd.front(), block, s_rows, f, split);
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GeoditeProjectedDotBwd, projected_dot_bwd_impl,
+                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>().Arg<ffi::Buffer<ffi::S32>>().Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>().Attr<int64_t>("block")
+                                  .Attr<int64_t>("split"));
