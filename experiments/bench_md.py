@@ -21,7 +21,8 @@ Figures:
   2 x (cutoff + skin), so the 64-atom cell runs the ``--replica-preset`` (default tiny, 5 Å); the mp preset's
   6 Å cutoff needs a 13 Å cell.
 
-Writes ``experiments/results/bench_md_<UTC date>[_quick].{json,md}`` with date, machine, versions.
+Writes ``experiments/results/bench_md_<UTC date>[_quick].{json,md}`` (or ``--out-stem``) with date, machine,
+versions.
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ def main() -> int:
     ap.add_argument("--ase-steps", type=int, default=None)
     ap.add_argument("--replicas", type=int, default=None)
     ap.add_argument("--replica-preset", default="tiny")
+    ap.add_argument("--out-stem", default=None, help="output name (default bench_md_<UTC date>[_quick]): "
+                    "a second run of the day does not overwrite the first")
     ap.add_argument("--skip-ase", action="store_true")
     args = ap.parse_args()
 
@@ -210,7 +213,8 @@ def main() -> int:
 
     # --- write ------------------------------------------------------------------------------------------------
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    stem = f"bench_md_{dt.datetime.now(dt.timezone.utc).date().isoformat()}" + ("_quick" if args.quick else "")
+    stem = args.out_stem or (f"bench_md_{dt.datetime.now(dt.timezone.utc).date().isoformat()}"
+                             + ("_quick" if args.quick else ""))
     (RESULTS_DIR / f"{stem}.json").write_text(json.dumps(record, indent=2, default=float) + "\n")
     md_lines = [
         f"# MD benchmark {record['date']}", "",

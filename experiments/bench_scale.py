@@ -9,7 +9,7 @@ RSS printed is that of a whole process that built the graph, compiled and evalua
 compiled program included). A least-squares line through (edges, peak RSS) gives the memory per edge;
 the largest cell that fits in this machine's memory follows from it. The first call includes the
 compile; a second call is timed where ``--timed`` is given. Results: a Markdown table on stdout and
-``experiments/results/bench_scale_<date>.json``.
+``experiments/results/bench_scale_<date>_<dtype>.json`` (or ``--out-stem``).
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     ap.add_argument("--chunk-edges", type=int, default=None)
     ap.add_argument("--timed", action="store_true", help="time a second call too")
+    ap.add_argument("--out-stem", default=None, help="output name (default bench_scale_<date>_<dtype>)")
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads=2")
@@ -108,7 +109,7 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     import jax
 
-    out = RESULTS / f"bench_scale_{dt.date.today()}_{args.dtype}.json"
+    out = RESULTS / f"{args.out_stem or f'bench_scale_{dt.date.today()}_{args.dtype}'}.json"
     out.write_text(json.dumps({"date": str(dt.datetime.now(dt.timezone.utc)), "machine": platform.processor()
                                or platform.machine(), "cpus": os.cpu_count(), "jax": jax.__version__,
                                "dtype": args.dtype, "rows": rows, "fit": fit}, indent=1))
