@@ -16,7 +16,7 @@ dx = T(v, g); ``T``: dw = D(g, u), dg = A(w, u)) and the family is differentiabl
 Without the kernels XLA forms each ``[E, S, F]`` product in memory and turns every sender gather into a
 scatter-add in the backward pass; a kernel keeps one receiver's ``[S, F]`` rows in L1 and reads each
 sender row once. The C++ source (``fused_kernels.cc``) is compiled with the system C++ compiler at first use (cached per
-source, jaxlib version and CPU, like :mod:`geodite_jax.lammps_plugin`). Where it cannot be (no compiler,
+source, jaxlib version and CPU, built by :mod:`geodite_jax.native`). Where it cannot be (no compiler,
 another platform), :func:`available` is False and the model keeps its pure-XLA path, with the same numbers.
 """
 
@@ -24,10 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
-import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import GeoditeConfig
+from .native import build_ffi_library
 
 #: The kernels' C++ source (package data), compiled by :func:`build`.
 _SOURCE_PATH = Path(__file__).with_name("fused_kernels.cc")
@@ -56,27 +54,11 @@ def _cpu_flags() -> str:
 
 
 def build(cache: str | os.PathLike | None = None) -> Path:
-    """Compile the kernel library (once per source and jaxlib version) and return its path."""
-    import jaxlib
-
-    include = jax.ffi.include_dir()
-    source = _SOURCE_PATH.read_text()
-    key = hashlib.sha256((source + jaxlib.__version__ + _cpu_flags()).encode()).hexdigest()[:16]
-    cache = Path(cache or os.environ.get("GEODITE_CACHE", Path(tempfile.gettempdir()) / "geodite_jax"))
-    target = cache / f"fused_kernels_{key}.so"
-    if target.is_file():
-        return target
-    cache.mkdir(parents=True, exist_ok=True)
-    src = cache / f"fused_kernels_{key}.cc"
-    src.write_text(source)
-    tmp = cache / f"{target.name}.{os.getpid()}.tmp"
-    cmd = [os.environ.get("CXX", "g++"), "-O3", "-march=native", "-shared", "-fPIC", "-std=c++17", "-w",
-           f"-I{include}", str(src), "-o", str(tmp), "-pthread"]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode:
-        raise RuntimeError(f"compiling the fused kernels failed ({' '.join(cmd)}):\n{result.stderr[-2000:]}")
-    os.replace(tmp, target)
-    return target
+    """Compile the kernel library (once per source, jaxlib version and CPU) and return its path."""
+    return build_ffi_library("fused_kernels", _SOURCE_PATH.read_text(), ["-O3", "-march=native"],
+                             "the fused kernels", libs=("-pthread",), compiler=os.environ.get("CXX", "g++"),
+                             key_extra=_cpu_flags(),
+                             cache=cache)
 
 
 @functools.cache
@@ -133,12 +115,16 @@ def plan(num_edges: int, config: GeoditeConfig, dtype: Any, force: bool = False)
     return messages <= FUSED_BUDGET_BYTES, messages + edge_update <= FUSED_BUDGET_BYTES
 
 
-def _call(name: str, shape: tuple[int, ...], a: jax.Array, b: jax.Array, senders: jax.Array, **attrs: int) -> jax.Array:
+def _ffi(name: str, out: Any, *operands: jax.Array, **attrs: int) -> Any:
+    """One kernel call: ``out`` a ``ShapeDtypeStruct`` or a tuple of them; integer attributes as int64."""
     _require()
-    out = jax.ShapeDtypeStruct(shape, b.dtype)
     attrs = {k: np.int64(v) for k, v in attrs.items()}
-    return jax.ffi.ffi_call(_TARGETS[name], out, vmap_method="sequential")(
-        a.astype(b.dtype), b, senders.astype(jnp.int32), **attrs)
+    return jax.ffi.ffi_call(_TARGETS[name], out, vmap_method="sequential")(*operands, **attrs)
+
+
+def _call(name: str, shape: tuple[int, ...], a: jax.Array, b: jax.Array, senders: jax.Array, **attrs: int) -> jax.Array:
+    """A kernel of the two closed families: operands ``a``, ``b`` (``a`` cast to ``b``'s dtype) and ``senders``."""
+    return _ffi(name, jax.ShapeDtypeStruct(shape, b.dtype), a.astype(b.dtype), b, senders.astype(jnp.int32), **attrs)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -201,6 +187,7 @@ scatter_sum.defvjp(_scatter_sum_fwd, _scatter_sum_bwd)
 
 #: Rows of the steerable arrays below this index have degree L=1, the rest L=2 (see :mod:`geodite_jax.spherical`).
 SPLIT = 3
+_DEGREE_ROWS = (slice(0, SPLIT), slice(SPLIT, None))
 
 
 @jax.custom_vjp
@@ -263,16 +250,14 @@ def projected_dot(q: jax.Array, k: jax.Array, y: jax.Array, senders: jax.Array, 
     ``Y_L·k`` (only the inputs are kept); higher derivatives come from the same gradient composed of the
     kernels above, so every order exists.
     """
-    _require()
-    out = jax.ShapeDtypeStruct((senders.shape[0], k.shape[-1]), k.dtype)
-    return jax.ffi.ffi_call(_TARGETS["projected_dot"], out, vmap_method="sequential")(
-        q, k, y.astype(k.dtype), senders.astype(jnp.int32), block=np.int64(block), split=np.int64(SPLIT))
+    return _ffi("projected_dot", jax.ShapeDtypeStruct((senders.shape[0], k.shape[-1]), k.dtype), q, k,
+                y.astype(k.dtype), senders.astype(jnp.int32), block=block, split=SPLIT)
 
 
 def _receiver_proj(y: jax.Array, q: jax.Array, block: int) -> jax.Array:
     """``Y_L·q_r(e)`` per degree, ``[E, 2, F]``: a batched matmul per receiver (no gather)."""
     yb = y.reshape(q.shape[0], block, -1)
-    parts = [jnp.einsum("nms,nsf->nmf", yb[..., r], q[:, r]) for r in (slice(0, SPLIT), slice(SPLIT, None))]
+    parts = [jnp.einsum("nms,nsf->nmf", yb[..., r], q[:, r]) for r in _DEGREE_ROWS]
     return jnp.stack(parts, axis=2).reshape(y.shape[0], 2, q.shape[-1])
 
 
@@ -290,12 +275,11 @@ def _projected_dot_grads(q: jax.Array, k: jax.Array, y: jax.Array, v: jax.Array,
     vyq, vyk = v[:, None, :] * yq, v[:, None, :] * yk
     vyk_b = vyk.reshape(n, block, 2, f)
     y_b = y.reshape(n, block, -1)
-    rows = (slice(0, SPLIT), slice(SPLIT, None))
     # Σ_m y_es (v ⊙ Y_L·k)_e and Σ_f (v ⊙ Y_L·k)_e q_r: the receiver side, batched matmuls per receiver.
     dq_proj = jnp.concatenate([jnp.einsum("nms,nmf->nsf", y_b[..., r], vyk_b[:, :, deg])
-                               for deg, r in enumerate(rows)], axis=1)
-    dy_q = jnp.concatenate([jnp.einsum("nmf,nsf->nms", vyk_b[:, :, deg], q[:, r]) for deg, r in enumerate(rows)],
-                           axis=2).reshape(y.shape)
+                               for deg, r in enumerate(_DEGREE_ROWS)], axis=1)
+    dy_q = jnp.concatenate([jnp.einsum("nmf,nsf->nms", vyk_b[:, :, deg], q[:, r])
+                            for deg, r in enumerate(_DEGREE_ROWS)], axis=2).reshape(y.shape)
     dq = gather_sum(v, k, senders, block) - dq_proj
     dk = scatter_sum(v, q, senders, block, k.shape[0]) - proj_dx(y, vyq, senders, k.shape[0])
     dy = -(proj_dc(vyq, k, senders) + dy_q)
@@ -306,11 +290,9 @@ def _projected_dot_grads(q: jax.Array, k: jax.Array, y: jax.Array, v: jax.Array,
 def projected_dot_grads(q: jax.Array, k: jax.Array, y: jax.Array, v: jax.Array, senders: jax.Array,
                         block: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """:func:`_projected_dot_grads` in one kernel: no ``[E, 2, F]`` projections in memory (forces)."""
-    _require()
-    outs = (jax.ShapeDtypeStruct(q.shape, k.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
-            jax.ShapeDtypeStruct(y.shape, k.dtype))
-    dq, dk, dy = jax.ffi.ffi_call(_TARGETS["projected_dot_bwd"], outs, vmap_method="sequential")(
-        q, k, y.astype(k.dtype), v, senders.astype(jnp.int32), block=np.int64(block), split=np.int64(SPLIT))
+    outs = tuple(jax.ShapeDtypeStruct(a.shape, k.dtype) for a in (q, k, y))
+    dq, dk, dy = _ffi("projected_dot_bwd", outs, q, k, y.astype(k.dtype), v, senders.astype(jnp.int32), block=block,
+                      split=SPLIT)
     return dq, dk, dy.astype(y.dtype)
 
 

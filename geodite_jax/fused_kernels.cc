@@ -95,6 +95,14 @@ static void scatter_sum(const T* w, const T* g, const int32_t* snd, T* out, int6
   });
 }
 
+// fn(T{}) with T the C++ type of `type` (float32 or float64); any other dtype is an error, never reinterpreted.
+template <typename Fn> static ffi::Error by_float_type(ffi::DataType type, Fn&& fn) {
+  if (type == ffi::DataType::F32) fn(float{});
+  else if (type == ffi::DataType::F64) fn(double{});
+  else return ffi::Error::InvalidArgument("the fused kernels take float32 or float64 arrays");
+  return ffi::Error::Success();
+}
+
 static ffi::Error check_senders(ffi::Buffer<ffi::S32> snd, int64_t n_rows) {
   const int32_t* p = snd.typed_data();
   for (int64_t e = 0, n = snd.element_count(); e < n; ++e)
@@ -107,13 +115,10 @@ static ffi::Error gather_sum_impl(ffi::AnyBuffer w, ffi::AnyBuffer x, ffi::Buffe
   auto xd = x.dimensions();
   const int64_t f = xd.back(), sf = x.element_count() / xd.front(), e = snd.element_count();
   if (auto err = check_senders(snd, xd.front()); err.failure()) return err;
-  if (x.element_type() == ffi::DataType::F32)
-    gather_sum(w.typed_data<float>(), x.typed_data<float>(), snd.typed_data(), out->typed_data<float>(), e / block,
-               block, sf, f);
-  else
-    gather_sum(w.typed_data<double>(), x.typed_data<double>(), snd.typed_data(), out->typed_data<double>(),
-               e / block, block, sf, f);
-  return ffi::Error::Success();
+  return by_float_type(x.element_type(), [&](auto tag) {
+    using T = decltype(tag);
+    gather_sum(w.typed_data<T>(), x.typed_data<T>(), snd.typed_data(), out->typed_data<T>(), e / block, block, sf, f);
+  });
 }
 
 static ffi::Error edge_dot_impl(ffi::AnyBuffer g, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> snd,
@@ -121,13 +126,10 @@ static ffi::Error edge_dot_impl(ffi::AnyBuffer g, ffi::AnyBuffer x, ffi::Buffer<
   auto xd = x.dimensions();
   const int64_t f = xd.back(), sf = x.element_count() / xd.front(), e = snd.element_count();
   if (auto err = check_senders(snd, xd.front()); err.failure()) return err;
-  if (x.element_type() == ffi::DataType::F32)
-    edge_dot(g.typed_data<float>(), x.typed_data<float>(), snd.typed_data(), out->typed_data<float>(), e / block,
-             block, sf, f);
-  else
-    edge_dot(g.typed_data<double>(), x.typed_data<double>(), snd.typed_data(), out->typed_data<double>(),
-             e / block, block, sf, f);
-  return ffi::Error::Success();
+  return by_float_type(x.element_type(), [&](auto tag) {
+    using T = decltype(tag);
+    edge_dot(g.typed_data<T>(), x.typed_data<T>(), snd.typed_data(), out->typed_data<T>(), e / block, block, sf, f);
+  });
 }
 
 static ffi::Error scatter_sum_impl(ffi::AnyBuffer w, ffi::AnyBuffer g, ffi::Buffer<ffi::S32> snd,
@@ -135,13 +137,10 @@ static ffi::Error scatter_sum_impl(ffi::AnyBuffer w, ffi::AnyBuffer g, ffi::Buff
   auto od = out->dimensions();
   const int64_t f = od.back(), sf = out->element_count() / od.front(), e = snd.element_count();
   if (auto err = check_senders(snd, od.front()); err.failure()) return err;
-  if (g.element_type() == ffi::DataType::F32)
-    scatter_sum(w.typed_data<float>(), g.typed_data<float>(), snd.typed_data(), out->typed_data<float>(), od.front(),
-                e, block, sf, f);
-  else
-    scatter_sum(w.typed_data<double>(), g.typed_data<double>(), snd.typed_data(), out->typed_data<double>(),
-                od.front(), e, block, sf, f);
-  return ffi::Error::Success();
+  return by_float_type(g.element_type(), [&](auto tag) {
+    using T = decltype(tag);
+    scatter_sum(w.typed_data<T>(), g.typed_data<T>(), snd.typed_data(), out->typed_data<T>(), od.front(), e, block, sf, f);
+  });
 }
 
 #define BIND ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::Buffer<ffi::S32>>() \
@@ -218,12 +217,10 @@ static ffi::Error proj_impl(ffi::AnyBuffer c, ffi::AnyBuffer x, ffi::Buffer<ffi:
   auto xd = x.dimensions();
   const int64_t f = xd.back(), s_rows = x.element_count() / xd.front() / f, e = snd.element_count();
   if (auto err = check_senders(snd, xd.front()); err.failure()) return err;
-  if (x.element_type() == ffi::DataType::F32)
-    proj(c.typed_data<float>(), x.typed_data<float>(), snd.typed_data(), out->typed_data<float>(), e, s_rows, f, split);
-  else
-    proj(c.typed_data<double>(), x.typed_data<double>(), snd.typed_data(), out->typed_data<double>(), e, s_rows, f,
-         split);
-  return ffi::Error::Success();
+  return by_float_type(x.element_type(), [&](auto tag) {
+    using T = decltype(tag);
+    proj(c.typed_data<T>(), x.typed_data<T>(), snd.typed_data(), out->typed_data<T>(), e, s_rows, f, split);
+  });
 }
 
 static ffi::Error proj_dc_impl(ffi::AnyBuffer u, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> snd,
@@ -231,13 +228,10 @@ static ffi::Error proj_dc_impl(ffi::AnyBuffer u, ffi::AnyBuffer x, ffi::Buffer<f
   auto xd = x.dimensions();
   const int64_t f = xd.back(), s_rows = x.element_count() / xd.front() / f, e = snd.element_count();
   if (auto err = check_senders(snd, xd.front()); err.failure()) return err;
-  if (x.element_type() == ffi::DataType::F32)
-    proj_dc(u.typed_data<float>(), x.typed_data<float>(), snd.typed_data(), out->typed_data<float>(), e, s_rows, f,
-            split);
-  else
-    proj_dc(u.typed_data<double>(), x.typed_data<double>(), snd.typed_data(), out->typed_data<double>(), e, s_rows,
-            f, split);
-  return ffi::Error::Success();
+  return by_float_type(x.element_type(), [&](auto tag) {
+    using T = decltype(tag);
+    proj_dc(u.typed_data<T>(), x.typed_data<T>(), snd.typed_data(), out->typed_data<T>(), e, s_rows, f, split);
+  });
 }
 
 static ffi::Error proj_dx_impl(ffi::AnyBuffer c, ffi::AnyBuffer u, ffi::Buffer<ffi::S32> snd,
@@ -245,13 +239,10 @@ static ffi::Error proj_dx_impl(ffi::AnyBuffer c, ffi::AnyBuffer u, ffi::Buffer<f
   auto od = out->dimensions();
   const int64_t f = od.back(), s_rows = out->element_count() / od.front() / f, e = snd.element_count();
   if (auto err = check_senders(snd, od.front()); err.failure()) return err;
-  if (u.element_type() == ffi::DataType::F32)
-    proj_dx(c.typed_data<float>(), u.typed_data<float>(), snd.typed_data(), out->typed_data<float>(), od.front(), e,
-            s_rows, f, split);
-  else
-    proj_dx(c.typed_data<double>(), u.typed_data<double>(), snd.typed_data(), out->typed_data<double>(), od.front(),
-            e, s_rows, f, split);
-  return ffi::Error::Success();
+  return by_float_type(u.element_type(), [&](auto tag) {
+    using T = decltype(tag);
+    proj_dx(c.typed_data<T>(), u.typed_data<T>(), snd.typed_data(), out->typed_data<T>(), od.front(), e, s_rows, f, split);
+  });
 }
 
 #define BIND_PROJ ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::Buffer<ffi::S32>>() \
@@ -300,13 +291,10 @@ static ffi::Error projected_dot_impl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::An
   auto kd = k.dimensions();
   const int64_t f = kd.back(), s_rows = k.element_count() / kd.front() / f, e = snd.element_count();
   if (auto err = check_senders(snd, kd.front()); err.failure()) return err;
-  if (k.element_type() == ffi::DataType::F32)
-    projected_dot(q.typed_data<float>(), k.typed_data<float>(), y.typed_data<float>(), snd.typed_data(),
-                  out->typed_data<float>(), e / block, block, s_rows, f, split);
-  else
-    projected_dot(q.typed_data<double>(), k.typed_data<double>(), y.typed_data<double>(), snd.typed_data(),
-                  out->typed_data<double>(), e / block, block, s_rows, f, split);
-  return ffi::Error::Success();
+  return by_float_type(k.element_type(), [&](auto tag) {
+    using T = decltype(tag);
+    projected_dot(q.typed_data<T>(), k.typed_data<T>(), y.typed_data<T>(), snd.typed_data(), out->typed_data<T>(), e / block, block, s_rows, f, split);
+  });
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GeoditeProjectedDot, projected_dot_impl,
@@ -396,15 +384,10 @@ static ffi::Error projected_dot_bwd_impl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
   auto kd = k.dimensions();
   const int64_t f = kd.back(), s_rows = k.element_count() / kd.front() / f, e = snd.element_count();
   if (auto err = check_senders(snd, kd.front()); err.failure()) return err;
-  if (k.element_type() == ffi::DataType::F32)
-    projected_dot_bwd(q.typed_data<float>(), k.typed_data<float>(), y.typed_data<float>(), v.typed_data<float>(),
-                      snd.typed_data(), dq->typed_data<float>(), dk->typed_data<float>(), dy->typed_data<float>(),
-                      e / block, kd.front(), block, s_rows, f, split);
-  else
-    projected_dot_bwd(q.typed_data<double>(), k.typed_data<double>(), y.typed_data<double>(), v.typed_data<double>(),
-                      snd.typed_data(), dq->typed_data<double>(), dk->typed_data<double>(), dy->typed_data<double>(),
-                      e / block, kd.front(), block, s_rows, f, split);
-  return ffi::Error::Success();
+  return by_float_type(k.element_type(), [&](auto tag) {
+    using T = decltype(tag);
+    projected_dot_bwd(q.typed_data<T>(), k.typed_data<T>(), y.typed_data<T>(), v.typed_data<T>(), snd.typed_data(), dq->typed_data<T>(), dk->typed_data<T>(), dy->typed_data<T>(), e / block, kd.front(), block, s_rows, f, split);
+  });
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GeoditeProjectedDotBwd, projected_dot_bwd_impl,

@@ -10,14 +10,13 @@ integer handles; a jax or plugin upgrade may need this module updated.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .native import build_ffi_library
 
 PLUGIN_NAME = "lammps_jax_cpu"
 
@@ -100,24 +99,8 @@ def plugin_path() -> Path:
 
 def build_shim(cache: str | os.PathLike | None = None) -> Path:
     """Compile the FFI handler library (once per source and jaxlib version; g++ and jaxlib's headers)."""
-    import jaxlib
-
-    include = Path(jaxlib.__file__).parent / "include"
-    key = hashlib.sha256((_SHIM_SOURCE + jaxlib.__version__).encode()).hexdigest()[:16]
-    cache = Path(cache or os.environ.get("GEODITE_CACHE", Path(tempfile.gettempdir()) / "geodite_jax"))
-    target = cache / f"lammps_comm_shim_{key}.so"
-    if target.is_file():
-        return target
-    cache.mkdir(parents=True, exist_ok=True)
-    src = cache / f"lammps_comm_shim_{key}.cc"
-    src.write_text(_SHIM_SOURCE)
-    tmp = cache / f"{target.name}.{os.getpid()}.tmp"
-    cmd = ["g++", "-O2", "-shared", "-fPIC", "-std=c++17", "-w", f"-I{include}", str(src), "-o", str(tmp), "-ldl"]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode:
-        raise RuntimeError(f"compiling the exchange handlers failed ({' '.join(cmd)}):\n{result.stderr[-2000:]}")
-    os.replace(tmp, target)
-    return target
+    return build_ffi_library("lammps_comm_shim", _SHIM_SOURCE, ["-O2"], "the exchange handlers", libs=("-ldl",),
+                             cache=cache)
 
 
 _state: dict[str, Any] = {}

@@ -129,3 +129,10 @@ def test_plan_keeps_the_extra_memory_within_budget(monkeypatch):
         monkeypatch.delenv("GEODITE_FUSED")
         fused.unavailable_reason.cache_clear()
         assert fused.available()
+
+
+def test_other_dtypes_are_refused_not_reinterpreted():
+    senders = jnp.zeros((N * M,), jnp.int32)
+    w, x = jnp.ones((N * M, F), jnp.float16), jnp.ones((N, S, F), jnp.float16)
+    with pytest.raises(Exception, match="float32 or float64"):
+        jax.block_until_ready(fused.gather_sum(w, x, senders, M))
