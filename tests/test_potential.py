@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -111,15 +112,35 @@ def _largest_chunk(path):
     return max((f for f in (path / "params").rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
 
 
-def test_checksum_catches_a_flipped_byte_in_a_parameter_chunk(tiny, tmp_path):
+def test_checksum_catches_parameters_changed_behind_the_metadata(tiny, tmp_path):
+    """Parameters that orbax reads without complaint but that are not the ones saved: one float
+    differs by one ulp (a bit flip in a chunk, or a params folder copied from another run)."""
+    import jax
+
     path = tiny.save(tmp_path / "model")
     meta = json.loads((path / "geodite.json").read_text())
     assert meta["checksum"] == tiny.checksum() and meta["checksum"].startswith("sha256:")
+    leaves, treedef = jax.tree_util.tree_flatten(tiny.params)
+    first = np.array(leaves[0])
+    first.flat[0] = np.nextafter(first.flat[0], np.inf)
+    edited = gd.Potential(tiny.config, jax.tree_util.tree_unflatten(treedef, [first, *leaves[1:]]),
+                          tiny.element_energies, tiny.energy_scale, tiny.metadata)
+    other = edited.save(tmp_path / "other")
+    shutil.rmtree(path / "params")
+    shutil.copytree(other / "params", path / "params")
+    with pytest.raises(ValueError, match=f"{path}: the parameters.*do not match the checksum"):
+        gd.Potential.load(path)
+
+
+def test_flipped_byte_in_a_parameter_chunk_is_a_clear_error(tiny, tmp_path):
+    """A flipped bit in a compressed chunk either breaks decompression or silently changes a float,
+    depending on where it lands; both must be a ValueError that names the checkpoint."""
+    path = tiny.save(tmp_path / "model")
     chunk = _largest_chunk(path)
     data = bytearray(chunk.read_bytes())
-    data[len(data) // 2] ^= 0x10  # one bit of one float: orbax reads it without complaint
+    data[len(data) // 2] ^= 0x10
     chunk.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match=f"{path}: the parameters.*do not match the checksum"):
+    with pytest.raises(ValueError, match=rf"{path}(: the parameters.*do not match the checksum|: \w+Error)"):
         gd.Potential.load(path)
 
 
