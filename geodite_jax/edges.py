@@ -44,10 +44,17 @@ class Edges:
     #: Distributed runs: ``exchange(x [N, ...]) -> x`` with ghost rows replaced by their owners' rows (see
     #: :meth:`Geodite.__call__`); None on one domain.
     exchange: Callable[[jnp.ndarray], jnp.ndarray] | None = struct.field(pytree_node=False, default=None)
-    #: Block layout only: the messages' and the edge update's sender gathers are contracted over the whole
-    #: graph by the CPU kernels of :mod:`geodite_jax.fused` instead of per chunk in XLA.
+    #: Receiver-sorted edges only: the messages' and the edge update's sender gathers are contracted over the
+    #: whole graph by the CPU kernels of :mod:`geodite_jax.fused` instead of (per chunk) in XLA.
     fused_messages: bool = struct.field(pytree_node=False, default=False)
     fused_edge_update: bool = struct.field(pytree_node=False, default=False)
+
+    @property
+    def kernel_receivers(self) -> jnp.ndarray:
+        """Each edge's receiver for the fused kernels, ``[E]`` int32: ``e // block`` in the block layout."""
+        if self.block:
+            return jnp.arange(self.senders.shape[0], dtype=jnp.int32) // self.block
+        return self.receivers
 
     def sync(self, data: jnp.ndarray) -> jnp.ndarray:
         """Node data ``[N, ...]`` whose ghost rows hold their owners' values (unchanged without ghosts)."""

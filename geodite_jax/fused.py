@@ -1,10 +1,11 @@
-"""Fused sender-gather contractions for the neighbour-block layout, as XLA:CPU FFI kernels.
+"""Fused sender-gather contractions over receiver-sorted edges, as XLA:CPU FFI kernels.
 
-Three operations on steerable node arrays ``[N, S, F]`` and per-edge weights ``[E, F]`` in the block layout
-(edge ``e`` has receiver ``e // M`` and sender ``senders[e]``); ``X_j`` is the sender's row, never
-materialised per edge:
+Three operations on steerable node arrays ``[N, S, F]`` and per-edge weights ``[E, F]``; edge ``e`` goes from
+``senders[e]`` to ``receivers[e]``, and the receivers are sorted (the neighbour-block layout, receiver
+``e // M``, and the sparse layout of :func:`~geodite_jax.graph.batch_graphs` both are; the kernels refuse
+unsorted ones). ``X_j`` is the sender's row, never materialised per edge:
 
-* :func:`gather_sum`  ``A(w, x)[n]  = Σ_{e ∈ block(n)} w_e ⊙ x_{s(e)}``                  ``[N, S, F]``
+* :func:`gather_sum`  ``A(w, x)[n]  = Σ_{e: r(e) = n} w_e ⊙ x_{s(e)}``                   ``[R, S, F]``
 * :func:`edge_dot`    ``D(g, x)[e]  = Σ_s g_{r(e), s} ⊙ x_{s(e), s}``                      ``[E, F]``
 * :func:`scatter_sum` ``T(w, g)[k]  = Σ_{e: s(e) = k} w_e ⊙ g_{r(e)}``                     ``[N, S, F]``
 
@@ -40,7 +41,8 @@ _SOURCE_PATH = Path(__file__).with_name("fused_kernels.cc")
 
 _TARGETS = {"gather_sum": "GeoditeGatherSum", "edge_dot": "GeoditeEdgeDot", "scatter_sum": "GeoditeScatterSum",
             "proj": "GeoditeProj", "proj_dc": "GeoditeProjDc", "proj_dx": "GeoditeProjDx",
-            "projected_dot": "GeoditeProjectedDot", "projected_dot_bwd": "GeoditeProjectedDotBwd"}
+            "projected_dot": "GeoditeProjectedDot", "projected_dot_bwd": "GeoditeProjectedDotBwd",
+            "outer_sum": "GeoditeOuterSum", "outer_do": "GeoditeOuterDo", "outer_dy": "GeoditeOuterDy"}
 
 
 def _cpu_flags() -> str:
@@ -61,11 +63,17 @@ def build(cache: str | os.PathLike | None = None) -> Path:
                              cache=cache)
 
 
-@functools.cache
 def unavailable_reason() -> str | None:
     """None when the kernels are compiled and registered for XLA:CPU, else why not (``GEODITE_FUSED=0``: off)."""
     if os.environ.get("GEODITE_FUSED", "1") == "0":
         return "GEODITE_FUSED=0"
+    return _load()
+
+
+@functools.cache
+def _load() -> str | None:
+    """Build (or find in the cache) and register the kernels, once per process: a second registration of a
+    target under another library's addresses is an XLA error."""
     try:
         lib = ctypes.CDLL(str(build()))
     except (OSError, RuntimeError) as err:  # no compiler, no headers, a failed build
@@ -99,9 +107,13 @@ def _require() -> None:
         raise RuntimeError(f"the fused kernels are unavailable: {unavailable_reason()}")
 
 
-def plan(num_edges: int, config: GeoditeConfig, dtype: Any, force: bool = False) -> tuple[bool, bool]:
-    """``(fuse the messages, fuse the edge update)`` for a block-layout graph of ``num_edges`` edge slots.
+def plan(num_edges: int, config: GeoditeConfig, dtype: Any, force: bool = False,
+         chunked: bool = True) -> tuple[bool, bool]:
+    """``(fuse the messages, fuse the edge update)`` for a graph of ``num_edges`` edge slots.
 
+    ``chunked``: the neighbour-block layout, whose chunked XLA path bounds memory, so the kernels' whole-graph
+    edge arrays must fit :data:`FUSED_BUDGET_BYTES`. The sparse layout runs in one pass and forms larger
+    ``[E, 8, F]`` arrays without the kernels, so there they are used whenever available.
     ``force``: both, or a ``RuntimeError`` naming why the kernels are unavailable.
     """
     if force:
@@ -109,6 +121,8 @@ def plan(num_edges: int, config: GeoditeConfig, dtype: Any, force: bool = False)
         return True, True
     if not enabled():
         return False, False
+    if not chunked:
+        return True, True
     size = num_edges * np.dtype(dtype).itemsize
     messages = size * config.num_features * config.num_layers
     edge_update = size * config.edge_features * (config.num_layers - 1)
@@ -122,67 +136,126 @@ def _ffi(name: str, out: Any, *operands: jax.Array, **attrs: int) -> Any:
     return jax.ffi.ffi_call(_TARGETS[name], out, vmap_method="sequential")(*operands, **attrs)
 
 
-def _call(name: str, shape: tuple[int, ...], a: jax.Array, b: jax.Array, senders: jax.Array, **attrs: int) -> jax.Array:
-    """A kernel of the two closed families: operands ``a``, ``b`` (``a`` cast to ``b``'s dtype) and ``senders``."""
-    return _ffi(name, jax.ShapeDtypeStruct(shape, b.dtype), a.astype(b.dtype), b, senders.astype(jnp.int32), **attrs)
+def _call(name: str, shape: tuple[int, ...], a: jax.Array, b: jax.Array, *indices: jax.Array,
+          **attrs: int) -> jax.Array:
+    """A kernel of the two closed families: operands ``a``, ``b`` (``a`` cast to ``b``'s dtype) and the indices."""
+    return _ffi(name, jax.ShapeDtypeStruct(shape, b.dtype), a.astype(b.dtype), b,
+                *(i.astype(jnp.int32) for i in indices), **attrs)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def gather_sum(w: jax.Array, x: jax.Array, senders: jax.Array, block: int) -> jax.Array:
-    """``w [E, F], x [N, S, F], senders [E]`` -> ``[E // block, S, F]``: Σ over a receiver's block of ``w ⊙ x[s]``."""
-    return _call("gather_sum", (w.shape[0] // block, *x.shape[1:]), w, x, senders, block=block)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def gather_sum(w: jax.Array, x: jax.Array, senders: jax.Array, receivers: jax.Array, num_rows: int) -> jax.Array:
+    """``w [E, F], x [N, S, F], senders, receivers [E]`` -> ``[num_rows, S, F]``: Σ over a receiver's edges of
+    ``w ⊙ x[s]``."""
+    return _call("gather_sum", (num_rows, *x.shape[1:]), w, x, senders, receivers)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def edge_dot(g: jax.Array, x: jax.Array, senders: jax.Array, block: int) -> jax.Array:
-    """``g [E // block, S, F], x [N, S, F], senders [E]`` -> ``[E, F]``: Σ_s of receiver row ⊙ sender row."""
-    return _call("edge_dot", (senders.shape[0], x.shape[-1]), g, x, senders, block=block)
+@jax.custom_vjp
+def edge_dot(g: jax.Array, x: jax.Array, senders: jax.Array, receivers: jax.Array) -> jax.Array:
+    """``g [R, S, F], x [N, S, F], senders, receivers [E]`` -> ``[E, F]``: Σ_s of receiver row ⊙ sender row."""
+    return _call("edge_dot", (senders.shape[0], x.shape[-1]), g, x, senders, receivers)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def scatter_sum(w: jax.Array, g: jax.Array, senders: jax.Array, block: int, num_nodes: int) -> jax.Array:
-    """``w [E, F], g [E // block, S, F], senders [E]`` -> ``[num_nodes, S, F]``: Σ over each sender's edges."""
-    return _call("scatter_sum", (num_nodes, *g.shape[1:]), w, g, senders, block=block)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def scatter_sum(w: jax.Array, g: jax.Array, senders: jax.Array, receivers: jax.Array, num_nodes: int) -> jax.Array:
+    """``w [E, F], g [R, S, F], senders, receivers [E]`` -> ``[num_nodes, S, F]``: Σ over each sender's edges of
+    ``w ⊙ g[r]``."""
+    return _call("scatter_sum", (num_nodes, *g.shape[1:]), w, g, senders, receivers)
 
 
 _Fwd = tuple[jax.Array, tuple[jax.Array, ...]]  # (output, residuals)
-_Bwd = tuple[jax.Array, jax.Array, np.ndarray]  # cotangents of the two arrays and of the (integer) senders
+_Bwd = tuple[jax.Array, ...]  # cotangents of the two arrays, then of the (integer) indices
 
 
-def _zero_senders(senders: jax.Array) -> np.ndarray:
-    return np.zeros(senders.shape, jax.dtypes.float0)
+def _zero(*indices: jax.Array) -> tuple[np.ndarray, ...]:
+    return tuple(np.zeros(i.shape, jax.dtypes.float0) for i in indices)
 
 
-def _gather_sum_fwd(w: jax.Array, x: jax.Array, senders: jax.Array, block: int) -> _Fwd:
-    return gather_sum(w, x, senders, block), (w, x, senders)
+def _gather_sum_fwd(w: jax.Array, x: jax.Array, senders: jax.Array, receivers: jax.Array, num_rows: int) -> _Fwd:
+    return gather_sum(w, x, senders, receivers, num_rows), (w, x, senders, receivers)
 
 
-def _gather_sum_bwd(block: int, res: tuple, u: jax.Array) -> _Bwd:
-    w, x, senders = res
-    return edge_dot(u, x, senders, block), scatter_sum(w, u, senders, block, x.shape[0]), _zero_senders(senders)
+def _gather_sum_bwd(num_rows: int, res: tuple, u: jax.Array) -> _Bwd:
+    w, x, senders, receivers = res
+    return (edge_dot(u, x, senders, receivers), scatter_sum(w, u, senders, receivers, x.shape[0]),
+            *_zero(senders, receivers))
 
 
-def _edge_dot_fwd(g: jax.Array, x: jax.Array, senders: jax.Array, block: int) -> _Fwd:
-    return edge_dot(g, x, senders, block), (g, x, senders)
+def _edge_dot_fwd(g: jax.Array, x: jax.Array, senders: jax.Array, receivers: jax.Array) -> _Fwd:
+    return edge_dot(g, x, senders, receivers), (g, x, senders, receivers)
 
 
-def _edge_dot_bwd(block: int, res: tuple, v: jax.Array) -> _Bwd:
-    g, x, senders = res
-    return gather_sum(v, x, senders, block), scatter_sum(v, g, senders, block, x.shape[0]), _zero_senders(senders)
+def _edge_dot_bwd(res: tuple, v: jax.Array) -> _Bwd:
+    g, x, senders, receivers = res
+    return (gather_sum(v, x, senders, receivers, g.shape[0]), scatter_sum(v, g, senders, receivers, x.shape[0]),
+            *_zero(senders, receivers))
 
 
-def _scatter_sum_fwd(w: jax.Array, g: jax.Array, senders: jax.Array, block: int, num_nodes: int) -> _Fwd:
-    return scatter_sum(w, g, senders, block, num_nodes), (w, g, senders)
+def _scatter_sum_fwd(w: jax.Array, g: jax.Array, senders: jax.Array, receivers: jax.Array, num_nodes: int) -> _Fwd:
+    return scatter_sum(w, g, senders, receivers, num_nodes), (w, g, senders, receivers)
 
 
-def _scatter_sum_bwd(block: int, num_nodes: int, res: tuple, u: jax.Array) -> _Bwd:
-    w, g, senders = res
-    return edge_dot(g, u, senders, block), gather_sum(w, u, senders, block), _zero_senders(senders)
+def _scatter_sum_bwd(num_nodes: int, res: tuple, u: jax.Array) -> _Bwd:
+    w, g, senders, receivers = res
+    return (edge_dot(g, u, senders, receivers), gather_sum(w, u, senders, receivers, g.shape[0]),
+            *_zero(senders, receivers))
 
 
 gather_sum.defvjp(_gather_sum_fwd, _gather_sum_bwd)
 edge_dot.defvjp(_edge_dot_fwd, _edge_dot_bwd)
 scatter_sum.defvjp(_scatter_sum_fwd, _scatter_sum_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def outer_sum(o: jax.Array, y: jax.Array, receivers: jax.Array, num_rows: int) -> jax.Array:
+    """``o [E, F], y [E, S], receivers [E]`` -> ``[num_rows, S, F]``: Σ over a receiver's edges of ``y_e ⊗ o_e``
+    (the sparse layout's Σ_j o_ij Y_ij, which XLA forms as an ``[E, S, F]`` array first)."""
+    return _call("outer_sum", (num_rows, y.shape[-1], o.shape[-1]), o, y, receivers)
+
+
+@jax.custom_vjp
+def outer_do(u: jax.Array, y: jax.Array, receivers: jax.Array) -> jax.Array:
+    """``u [R, S, F], y [E, S], receivers [E]`` -> ``[E, F]``: Σ_s y_es u_{r(e), s}."""
+    return _call("outer_do", (y.shape[0], u.shape[-1]), u, y, receivers)
+
+
+@jax.custom_vjp
+def outer_dy(u: jax.Array, o: jax.Array, receivers: jax.Array) -> jax.Array:
+    """``u [R, S, F], o [E, F], receivers [E]`` -> ``[E, S]``: Σ_f u_{r(e), s, f} o_ef."""
+    return _call("outer_dy", (o.shape[0], u.shape[1]), u, o, receivers)
+
+
+# The three partials of Σ_e Σ_{s,f} o_ef y_es u_{r(e)sf}: closed under differentiation.
+def _outer_sum_fwd(o: jax.Array, y: jax.Array, receivers: jax.Array, num_rows: int) -> _Fwd:
+    return outer_sum(o, y, receivers, num_rows), (o, y, receivers)
+
+
+def _outer_sum_bwd(num_rows: int, res: tuple, u: jax.Array) -> _Bwd:
+    o, y, receivers = res
+    return outer_do(u, y, receivers), outer_dy(u, o, receivers), *_zero(receivers)
+
+
+def _outer_do_fwd(u: jax.Array, y: jax.Array, receivers: jax.Array) -> _Fwd:
+    return outer_do(u, y, receivers), (u, y, receivers)
+
+
+def _outer_do_bwd(res: tuple, v: jax.Array) -> _Bwd:
+    u, y, receivers = res
+    return outer_sum(v, y, receivers, u.shape[0]), outer_dy(u, v, receivers), *_zero(receivers)
+
+
+def _outer_dy_fwd(u: jax.Array, o: jax.Array, receivers: jax.Array) -> _Fwd:
+    return outer_dy(u, o, receivers), (u, o, receivers)
+
+
+def _outer_dy_bwd(res: tuple, c: jax.Array) -> _Bwd:
+    u, o, receivers = res
+    return outer_sum(o, c, receivers, u.shape[0]), outer_do(u, c, receivers), *_zero(receivers)
+
+
+outer_sum.defvjp(_outer_sum_fwd, _outer_sum_bwd)
+outer_do.defvjp(_outer_do_fwd, _outer_do_bwd)
+outer_dy.defvjp(_outer_dy_fwd, _outer_dy_bwd)
 
 
 #: Rows of the steerable arrays below this index have degree L=1, the rest L=2 (see :mod:`geodite_jax.spherical`).
@@ -215,7 +288,7 @@ def _proj_fwd(c: jax.Array, x: jax.Array, senders: jax.Array) -> _Fwd:
 
 def _proj_bwd(res: tuple, v: jax.Array) -> _Bwd:
     c, x, senders = res
-    return proj_dc(v, x, senders), proj_dx(c, v, senders, x.shape[0]), _zero_senders(senders)
+    return proj_dc(v, x, senders), proj_dx(c, v, senders, x.shape[0]), *_zero(senders)
 
 
 def _proj_dc_fwd(u: jax.Array, x: jax.Array, senders: jax.Array) -> _Fwd:
@@ -224,7 +297,7 @@ def _proj_dc_fwd(u: jax.Array, x: jax.Array, senders: jax.Array) -> _Fwd:
 
 def _proj_dc_bwd(res: tuple, v: jax.Array) -> _Bwd:
     u, x, senders = res
-    return proj(v, x, senders), proj_dx(v, u, senders, x.shape[0]), _zero_senders(senders)
+    return proj(v, x, senders), proj_dx(v, u, senders, x.shape[0]), *_zero(senders)
 
 
 def _proj_dx_fwd(c: jax.Array, u: jax.Array, senders: jax.Array, num_nodes: int) -> _Fwd:
@@ -233,7 +306,7 @@ def _proj_dx_fwd(c: jax.Array, u: jax.Array, senders: jax.Array, num_nodes: int)
 
 def _proj_dx_bwd(num_nodes: int, res: tuple, v: jax.Array) -> _Bwd:
     c, u, senders = res
-    return proj_dc(u, v, senders), proj(c, v, senders), _zero_senders(senders)
+    return proj_dc(u, v, senders), proj(c, v, senders), *_zero(senders)
 
 
 proj.defvjp(_proj_fwd, _proj_bwd)
@@ -241,91 +314,105 @@ proj_dc.defvjp(_proj_dc_fwd, _proj_dc_bwd)
 proj_dx.defvjp(_proj_dx_fwd, _proj_dx_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def projected_dot(q: jax.Array, k: jax.Array, y: jax.Array, senders: jax.Array, block: int) -> jax.Array:
-    """Q⊥·K⊥ of the edge update: ``q [N, S, F]`` (receivers), ``k [N', S, F]`` (senders), ``y [E, S]``
-    (unit harmonics per degree) -> ``[E, F]`` = Σ_s q_r k_s − Σ_L (Y_L·q_r)(Y_L·k_s).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def projected_dot(q: jax.Array, k: jax.Array, y: jax.Array, senders: jax.Array, receivers: jax.Array,
+                  block: int | None = None) -> jax.Array:
+    """Q⊥·K⊥ of the edge update: ``q [R, S, F]`` (receivers), ``k [N, S, F]`` (senders), ``y [E, S]``
+    (unit harmonics per degree), ``senders, receivers [E]`` -> ``[E, F]`` = Σ_s q_r k_s − Σ_L (Y_L·q_r)(Y_L·k_s).
 
     One kernel pass in the forward and one (two sweeps) in the backward, which recomputes ``Y_L·q`` and
     ``Y_L·k`` (only the inputs are kept); higher derivatives come from the same gradient composed of the
-    kernels above, so every order exists.
+    kernels above, so every order exists. ``block=M``: the neighbour-block layout (receiver ``e // M``),
+    whose receiver side of those higher derivatives is batched matmuls instead of kernels.
     """
     return _ffi("projected_dot", jax.ShapeDtypeStruct((senders.shape[0], k.shape[-1]), k.dtype), q, k,
-                y.astype(k.dtype), senders.astype(jnp.int32), block=block, split=SPLIT)
+                y.astype(k.dtype), senders.astype(jnp.int32), receivers.astype(jnp.int32), split=SPLIT)
 
 
-def _receiver_proj(y: jax.Array, q: jax.Array, block: int) -> jax.Array:
-    """``Y_L·q_r(e)`` per degree, ``[E, 2, F]``: a batched matmul per receiver (no gather)."""
-    yb = y.reshape(q.shape[0], block, -1)
-    parts = [jnp.einsum("nms,nsf->nmf", yb[..., r], q[:, r]) for r in _DEGREE_ROWS]
-    return jnp.stack(parts, axis=2).reshape(y.shape[0], 2, q.shape[-1])
+def _projected_dot_fwd(q: jax.Array, k: jax.Array, y: jax.Array, senders: jax.Array, receivers: jax.Array,
+                       block: int | None) -> _Fwd:
+    return projected_dot(q, k, y, senders, receivers, block), (q, k, y, senders, receivers)
 
 
-def _projected_dot_fwd(q: jax.Array, k: jax.Array, y: jax.Array, senders: jax.Array, block: int) -> _Fwd:
-    return projected_dot(q, k, y, senders, block), (q, k, y, senders)
+def _receiver_side(q: jax.Array, y: jax.Array, vyk: jax.Array, receivers: jax.Array,
+                   block: int | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(Y_L·q_r [E, 2, F], Σ_e∈r y_es vyk_{e,L(s)} [R, S, F], Σ_f vyk_{e,L(s)} q_{r,s} [E, S])``: with blocks
+    batched matmuls per receiver, else the degree-projection kernels indexed by receiver (no gather)."""
+    if not block:
+        return proj(y, q, receivers), proj_dx(y, vyk, receivers, q.shape[0]), proj_dc(vyk, q, receivers)
+    n, f = q.shape[0], q.shape[-1]
+    y_b, vyk_b = y.reshape(n, block, -1), vyk.reshape(n, block, 2, f)
+    yq = jnp.stack([jnp.einsum("nms,nsf->nmf", y_b[..., r], q[:, r]) for r in _DEGREE_ROWS], axis=2)
+    dq = jnp.concatenate([jnp.einsum("nms,nmf->nsf", y_b[..., r], vyk_b[:, :, deg])
+                          for deg, r in enumerate(_DEGREE_ROWS)], axis=1)
+    dy = jnp.concatenate([jnp.einsum("nmf,nsf->nms", vyk_b[:, :, deg], q[:, r])
+                          for deg, r in enumerate(_DEGREE_ROWS)], axis=2)
+    return yq.reshape(y.shape[0], 2, f), dq, dy.reshape(y.shape)
 
 
 def _projected_dot_grads(q: jax.Array, k: jax.Array, y: jax.Array, v: jax.Array, senders: jax.Array,
-                         block: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+                         receivers: jax.Array, block: int | None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(dq, dk, dy)`` of :func:`projected_dot` for the cotangent ``v [E, F]``, composed of the other kernels
     (differentiable again): the rule of the second and higher derivatives."""
-    n, f = q.shape[0], q.shape[-1]
-    yq = _receiver_proj(y, q, block)
     yk = proj(y, k, senders)
-    vyq, vyk = v[:, None, :] * yq, v[:, None, :] * yk
-    vyk_b = vyk.reshape(n, block, 2, f)
-    y_b = y.reshape(n, block, -1)
-    # Σ_m y_es (v ⊙ Y_L·k)_e and Σ_f (v ⊙ Y_L·k)_e q_r: the receiver side, batched matmuls per receiver.
-    dq_proj = jnp.concatenate([jnp.einsum("nms,nmf->nsf", y_b[..., r], vyk_b[:, :, deg])
-                               for deg, r in enumerate(_DEGREE_ROWS)], axis=1)
-    dy_q = jnp.concatenate([jnp.einsum("nmf,nsf->nms", vyk_b[:, :, deg], q[:, r])
-                            for deg, r in enumerate(_DEGREE_ROWS)], axis=2).reshape(y.shape)
-    dq = gather_sum(v, k, senders, block) - dq_proj
-    dk = scatter_sum(v, q, senders, block, k.shape[0]) - proj_dx(y, vyq, senders, k.shape[0])
+    vyk = v[:, None, :] * yk
+    yq, dq_proj, dy_q = _receiver_side(q, y, vyk, receivers, block)
+    vyq = v[:, None, :] * yq
+    dq = gather_sum(v, k, senders, receivers, q.shape[0]) - dq_proj
+    dk = scatter_sum(v, q, senders, receivers, k.shape[0]) - proj_dx(y, vyq, senders, k.shape[0])
     dy = -(proj_dc(vyq, k, senders) + dy_q)
     return dq, dk, dy.astype(y.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def projected_dot_grads(q: jax.Array, k: jax.Array, y: jax.Array, v: jax.Array, senders: jax.Array,
-                        block: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+                        receivers: jax.Array, block: int | None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """:func:`_projected_dot_grads` in one kernel: no ``[E, 2, F]`` projections in memory (forces)."""
     outs = tuple(jax.ShapeDtypeStruct(a.shape, k.dtype) for a in (q, k, y))
-    dq, dk, dy = _ffi("projected_dot_bwd", outs, q, k, y.astype(k.dtype), v, senders.astype(jnp.int32), block=block,
-                      split=SPLIT)
+    dq, dk, dy = _ffi("projected_dot_bwd", outs, q, k, y.astype(k.dtype), v, senders.astype(jnp.int32),
+                      receivers.astype(jnp.int32), split=SPLIT)
     return dq, dk, dy.astype(y.dtype)
 
 
 def _projected_dot_grads_fwd(q: jax.Array, k: jax.Array, y: jax.Array, v: jax.Array, senders: jax.Array,
-                             block: int) -> _Fwd:
-    return projected_dot_grads(q, k, y, v, senders, block), (q, k, y, v, senders)
+                             receivers: jax.Array, block: int | None) -> _Fwd:
+    return projected_dot_grads(q, k, y, v, senders, receivers, block), (q, k, y, v, senders, receivers)
 
 
-def _projected_dot_grads_bwd(block: int, res: tuple, cot: tuple) -> tuple:
-    q, k, y, v, senders = res
-    _, vjp = jax.vjp(lambda *a: _projected_dot_grads(*a, senders, block), q, k, y, v)
-    return (*vjp(cot), _zero_senders(senders))
+def _projected_dot_grads_bwd(block: int | None, res: tuple, cot: tuple) -> tuple:
+    q, k, y, v, senders, receivers = res
+    _, vjp = jax.vjp(lambda *a: _projected_dot_grads(*a, senders, receivers, block), q, k, y, v)
+    return (*vjp(cot), *_zero(senders, receivers))
 
 
-def _projected_dot_bwd(block: int, res: tuple, v: jax.Array) -> tuple:
-    q, k, y, senders = res
-    return (*projected_dot_grads(q, k, y, v, senders, block), _zero_senders(senders))
+def _projected_dot_bwd(block: int | None, res: tuple, v: jax.Array) -> tuple:
+    q, k, y, senders, receivers = res
+    return (*projected_dot_grads(q, k, y, v, senders, receivers, block), *_zero(senders, receivers))
 
 
 projected_dot_grads.defvjp(_projected_dot_grads_fwd, _projected_dot_grads_bwd)
 projected_dot.defvjp(_projected_dot_fwd, _projected_dot_bwd)
 
 
-def reference(name: str, a: jax.Array, b: jax.Array, senders: jax.Array, block: int,
+def reference(name: str, a: jax.Array, b: jax.Array, senders: jax.Array, receivers: jax.Array | None = None,
               num_nodes: int | None = None) -> jax.Array:
-    """The same operations in plain XLA (materialising ``[E, S, F]``): for tests and other platforms."""
-    e = senders.shape[0]
+    """The same operations in plain XLA (materialising ``[E, S, F]``): for tests and other platforms.
+
+    ``num_nodes``: the output rows of ``gather_sum``/``outer_sum`` (receivers) and of ``scatter_sum``/``proj_dx``
+    (senders). The ``outer_*`` operations take no senders (pass None).
+    """
     if name == "gather_sum":
-        return (a[:, None, :] * b[senders]).reshape(e // block, block, *b.shape[1:]).sum(1)
+        return jax.ops.segment_sum(a[:, None, :] * b[senders], receivers, num_nodes)
     if name == "edge_dot":
-        return (jnp.repeat(a, block, axis=0) * b[senders]).sum(1)
+        return (a[receivers] * b[senders]).sum(1)
     if name == "scatter_sum":
-        return jax.ops.segment_sum(a[:, None, :] * jnp.repeat(b, block, axis=0), senders, num_nodes)
+        return jax.ops.segment_sum(a[:, None, :] * b[receivers], senders, num_nodes)
+    if name == "outer_sum":
+        return jax.ops.segment_sum(b[:, :, None] * a[:, None, :], receivers, num_nodes)
+    if name == "outer_do":
+        return (a[receivers] * b[:, :, None]).sum(1)
+    if name == "outer_dy":
+        return (a[receivers] * b[:, None, :]).sum(-1)
     group = jnp.arange(8) >= SPLIT  # degree of each steerable row
     if name == "proj":
         y = a[:, :, None] * b[senders]
@@ -337,9 +424,10 @@ def reference(name: str, a: jax.Array, b: jax.Array, senders: jax.Array, block: 
     raise ValueError(f"unknown fused operation {name!r}")
 
 
-def reference_projected_dot(q: jax.Array, k: jax.Array, y: jax.Array, senders: jax.Array, block: int) -> jax.Array:
+def reference_projected_dot(q: jax.Array, k: jax.Array, y: jax.Array, senders: jax.Array,
+                            receivers: jax.Array) -> jax.Array:
     """:func:`projected_dot` in plain XLA."""
-    q_r, k_s = jnp.repeat(q, block, axis=0), k[senders]
+    q_r, k_s = q[receivers], k[senders]
     yq, yk = y[:, :, None] * q_r, y[:, :, None] * k_s
     return ((q_r * k_s).sum(1) - yq[:, :SPLIT].sum(1) * yk[:, :SPLIT].sum(1)
             - yq[:, SPLIT:].sum(1) * yk[:, SPLIT:].sum(1))

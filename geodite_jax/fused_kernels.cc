@@ -1,4 +1,4 @@
-// Fused sender-gather contractions for Geodite's neighbour-block layout: XLA:CPU FFI handlers.
+// Fused sender-gather contractions for Geodite's receiver-sorted edges: XLA:CPU FFI handlers.
 // Compiled at first use by geodite_jax/fused.py (see its docstring for the operations and their VJPs).
 #include <algorithm>
 #include <cstdint>
@@ -29,16 +29,16 @@ template <typename Fn> static void parallel_for(int64_t n, int64_t min_per_threa
   for (auto& w : workers) w.join();
 }
 
+// Receiver rows: the edges are sorted by receiver, row n owns edges off[n] .. off[n + 1] - 1.
 template <typename T>
-static void gather_sum(const T* w, const T* x, const int32_t* snd, T* out, int64_t nr, int64_t m, int64_t sf,
-                       int64_t f) {
+static void gather_sum(const T* w, const T* x, const int32_t* snd, const int64_t* off, T* out, int64_t nr,
+                       int64_t sf, int64_t f) {
   const int64_t s_rows = sf / f;
   parallel_for(nr, 16, [&](int64_t lo, int64_t hi) {
     for (int64_t n = lo; n < hi; ++n) {
       T* o = out + n * sf;
       std::fill(o, o + sf, T(0));
-      for (int64_t j = 0; j < m; ++j) {
-        const int64_t e = n * m + j;
+      for (int64_t e = off[n]; e < off[n + 1]; ++e) {
         const T* we = w + e * f;
         const T* xs = x + int64_t(snd[e]) * sf;
         for (int64_t s = 0; s < s_rows; ++s) {
@@ -52,14 +52,13 @@ static void gather_sum(const T* w, const T* x, const int32_t* snd, T* out, int64
 }
 
 template <typename T>
-static void edge_dot(const T* g, const T* x, const int32_t* snd, T* out, int64_t nr, int64_t m, int64_t sf,
-                     int64_t f) {
+static void edge_dot(const T* g, const T* x, const int32_t* snd, const int64_t* off, T* out, int64_t nr,
+                     int64_t sf, int64_t f) {
   const int64_t s_rows = sf / f;
   parallel_for(nr, 16, [&](int64_t lo, int64_t hi) {
     for (int64_t n = lo; n < hi; ++n) {
       const T* gn = g + n * sf;
-      for (int64_t j = 0; j < m; ++j) {
-        const int64_t e = n * m + j;
+      for (int64_t e = off[n]; e < off[n + 1]; ++e) {
         T* o = out + e * f;
         const T* xs = x + int64_t(snd[e]) * sf;
         std::fill(o, o + f, T(0));
@@ -75,21 +74,23 @@ static void edge_dot(const T* g, const T* x, const int32_t* snd, T* out, int64_t
 
 // Each thread owns a contiguous range of sender rows and scans all edges for them: no races, no atomics.
 template <typename T>
-static void scatter_sum(const T* w, const T* g, const int32_t* snd, T* out, int64_t n_out, int64_t n_edges,
-                        int64_t m, int64_t sf, int64_t f) {
+static void scatter_sum(const T* w, const T* g, const int32_t* snd, const int64_t* off, T* out, int64_t n_out,
+                        int64_t nr, int64_t sf, int64_t f) {
   const int64_t s_rows = sf / f;
   parallel_for(n_out, 16, [&](int64_t lo, int64_t hi) {
     std::fill(out + lo * sf, out + hi * sf, T(0));
-    for (int64_t e = 0; e < n_edges; ++e) {
-      const int64_t k = snd[e];
-      if (k < lo || k >= hi) continue;
-      const T* we = w + e * f;
-      const T* gr = g + (e / m) * sf;
-      T* o = out + k * sf;
-      for (int64_t s = 0; s < s_rows; ++s) {
-        T* os = o + s * f;
-        const T* gs = gr + s * f;
-        for (int64_t c = 0; c < f; ++c) os[c] += we[c] * gs[c];
+    for (int64_t n = 0; n < nr; ++n) {
+      const T* gr = g + n * sf;
+      for (int64_t e = off[n]; e < off[n + 1]; ++e) {
+        const int64_t k = snd[e];
+        if (k < lo || k >= hi) continue;
+        const T* we = w + e * f;
+        T* o = out + k * sf;
+        for (int64_t s = 0; s < s_rows; ++s) {
+          T* os = o + s * f;
+          const T* gs = gr + s * f;
+          for (int64_t c = 0; c < f; ++c) os[c] += we[c] * gs[c];
+        }
       }
     }
   });
@@ -110,41 +111,70 @@ static ffi::Error check_senders(ffi::Buffer<ffi::S32> snd, int64_t n_rows) {
   return ffi::Error::Success();
 }
 
+// Row offsets [nr + 1] of the receivers [E] (sorted, each in [0, nr)), or an error naming what is wrong.
+static ffi::Error row_offsets(ffi::Buffer<ffi::S32> rcv, int64_t nr, std::vector<int64_t>& off) {
+  const int32_t* r = rcv.typed_data();
+  off.assign(nr + 1, 0);
+  int32_t prev = 0;
+  for (int64_t e = 0, n = rcv.element_count(); e < n; ++e) {
+    if (r[e] < prev || r[e] >= nr)
+      return ffi::Error::InvalidArgument(r[e] < prev ? "receivers not sorted (the fused kernels need them sorted)"
+                                                     : "receiver index out of range");
+    ++off[r[e] + 1];
+    prev = r[e];
+  }
+  for (int64_t n = 0; n < nr; ++n) off[n + 1] += off[n];
+  return ffi::Error::Success();
+}
+
+// The indices of a family-1 call: senders into `n_src` rows, receivers into `nr` rows.
+static ffi::Error indices(ffi::Buffer<ffi::S32> snd, int64_t n_src, ffi::Buffer<ffi::S32> rcv, int64_t nr,
+                          std::vector<int64_t>& off) {
+  if (rcv.element_count() != snd.element_count())
+    return ffi::Error::InvalidArgument("senders and receivers differ in length");
+  if (auto err = check_senders(snd, n_src); err.failure()) return err;
+  return row_offsets(rcv, nr, off);
+}
+
 static ffi::Error gather_sum_impl(ffi::AnyBuffer w, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> snd,
-                                  ffi::Result<ffi::AnyBuffer> out, int64_t block) {
+                                  ffi::Buffer<ffi::S32> rcv, ffi::Result<ffi::AnyBuffer> out) {
   auto xd = x.dimensions();
-  const int64_t f = xd.back(), sf = x.element_count() / xd.front(), e = snd.element_count();
-  if (auto err = check_senders(snd, xd.front()); err.failure()) return err;
+  const int64_t f = xd.back(), sf = x.element_count() / xd.front(), nr = out->dimensions().front();
+  std::vector<int64_t> off;
+  if (auto err = indices(snd, xd.front(), rcv, nr, off); err.failure()) return err;
   return by_float_type(x.element_type(), [&](auto tag) {
     using T = decltype(tag);
-    gather_sum(w.typed_data<T>(), x.typed_data<T>(), snd.typed_data(), out->typed_data<T>(), e / block, block, sf, f);
+    gather_sum(w.typed_data<T>(), x.typed_data<T>(), snd.typed_data(), off.data(), out->typed_data<T>(), nr, sf, f);
   });
 }
 
 static ffi::Error edge_dot_impl(ffi::AnyBuffer g, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> snd,
-                                ffi::Result<ffi::AnyBuffer> out, int64_t block) {
+                                ffi::Buffer<ffi::S32> rcv, ffi::Result<ffi::AnyBuffer> out) {
   auto xd = x.dimensions();
-  const int64_t f = xd.back(), sf = x.element_count() / xd.front(), e = snd.element_count();
-  if (auto err = check_senders(snd, xd.front()); err.failure()) return err;
+  const int64_t f = xd.back(), sf = x.element_count() / xd.front(), nr = g.dimensions().front();
+  std::vector<int64_t> off;
+  if (auto err = indices(snd, xd.front(), rcv, nr, off); err.failure()) return err;
   return by_float_type(x.element_type(), [&](auto tag) {
     using T = decltype(tag);
-    edge_dot(g.typed_data<T>(), x.typed_data<T>(), snd.typed_data(), out->typed_data<T>(), e / block, block, sf, f);
+    edge_dot(g.typed_data<T>(), x.typed_data<T>(), snd.typed_data(), off.data(), out->typed_data<T>(), nr, sf, f);
   });
 }
 
 static ffi::Error scatter_sum_impl(ffi::AnyBuffer w, ffi::AnyBuffer g, ffi::Buffer<ffi::S32> snd,
-                                   ffi::Result<ffi::AnyBuffer> out, int64_t block) {
+                                   ffi::Buffer<ffi::S32> rcv, ffi::Result<ffi::AnyBuffer> out) {
   auto od = out->dimensions();
-  const int64_t f = od.back(), sf = out->element_count() / od.front(), e = snd.element_count();
-  if (auto err = check_senders(snd, od.front()); err.failure()) return err;
+  const int64_t f = od.back(), sf = out->element_count() / od.front(), nr = g.dimensions().front();
+  std::vector<int64_t> off;
+  if (auto err = indices(snd, od.front(), rcv, nr, off); err.failure()) return err;
   return by_float_type(g.element_type(), [&](auto tag) {
     using T = decltype(tag);
-    scatter_sum(w.typed_data<T>(), g.typed_data<T>(), snd.typed_data(), out->typed_data<T>(), od.front(), e, block, sf, f);
+    scatter_sum(w.typed_data<T>(), g.typed_data<T>(), snd.typed_data(), off.data(), out->typed_data<T>(), od.front(),
+                nr, sf, f);
   });
 }
 
 #define BIND ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::Buffer<ffi::S32>>() \
-    .Ret<ffi::AnyBuffer>().Attr<int64_t>("block")
+    .Arg<ffi::Buffer<ffi::S32>>().Ret<ffi::AnyBuffer>()
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GeoditeGatherSum, gather_sum_impl, BIND);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GeoditeEdgeDot, edge_dot_impl, BIND);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GeoditeScatterSum, scatter_sum_impl, BIND);
@@ -250,19 +280,18 @@ static ffi::Error proj_dx_impl(ffi::AnyBuffer c, ffi::AnyBuffer u, ffi::Buffer<f
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GeoditeProj, proj_impl, BIND_PROJ);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GeoditeProjDc, proj_dc_impl, BIND_PROJ);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GeoditeProjDx, proj_dx_impl, BIND_PROJ);
-// Projected inner products, Q⊥·K⊥ = Q·K − Σ_L (Y_L·Q)(Y_L·K), per edge of the block layout:
+// Projected inner products, Q⊥·K⊥ = Q·K − Σ_L (Y_L·Q)(Y_L·K), per edge (receiver rows as above):
 // out[e, :] = sum_s q[r(e), s, :] k[snd[e], s, :]
 //             − sum_L (sum_{s in L} y[e, s] q[r(e), s, :]) (sum_{s in L} y[e, s] k[snd[e], s, :])
 template <typename T>
-static void projected_dot(const T* q, const T* k, const T* y, const int32_t* snd, T* out, int64_t nr, int64_t m,
-                          int64_t s_rows, int64_t f, int64_t split) {
+static void projected_dot(const T* q, const T* k, const T* y, const int32_t* snd, const int64_t* off, T* out,
+                          int64_t nr, int64_t s_rows, int64_t f, int64_t split) {
   parallel_for(nr, 16, [&](int64_t lo, int64_t hi) {
     std::vector<T> tmp(4 * f);
     T *yq1 = tmp.data(), *yk1 = yq1 + f, *yq2 = yk1 + f, *yk2 = yq2 + f;
     for (int64_t n = lo; n < hi; ++n) {
       const T* qn = q + n * s_rows * f;
-      for (int64_t j = 0; j < m; ++j) {
-        const int64_t e = n * m + j;
+      for (int64_t e = off[n]; e < off[n + 1]; ++e) {
         const T* kj = k + int64_t(snd[e]) * s_rows * f;
         const T* ye = y + e * s_rows;
         T* o = out + e * f;
@@ -287,25 +316,27 @@ static void projected_dot(const T* q, const T* k, const T* y, const int32_t* snd
 }
 
 static ffi::Error projected_dot_impl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer y, ffi::Buffer<ffi::S32> snd,
-                                     ffi::Result<ffi::AnyBuffer> out, int64_t block, int64_t split) {
+                                     ffi::Buffer<ffi::S32> rcv, ffi::Result<ffi::AnyBuffer> out, int64_t split) {
   auto kd = k.dimensions();
-  const int64_t f = kd.back(), s_rows = k.element_count() / kd.front() / f, e = snd.element_count();
-  if (auto err = check_senders(snd, kd.front()); err.failure()) return err;
+  const int64_t f = kd.back(), s_rows = k.element_count() / kd.front() / f, nr = q.dimensions().front();
+  std::vector<int64_t> off;
+  if (auto err = indices(snd, kd.front(), rcv, nr, off); err.failure()) return err;
   return by_float_type(k.element_type(), [&](auto tag) {
     using T = decltype(tag);
-    projected_dot(q.typed_data<T>(), k.typed_data<T>(), y.typed_data<T>(), snd.typed_data(), out->typed_data<T>(), e / block, block, s_rows, f, split);
+    projected_dot(q.typed_data<T>(), k.typed_data<T>(), y.typed_data<T>(), snd.typed_data(), off.data(),
+                  out->typed_data<T>(), nr, s_rows, f, split);
   });
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GeoditeProjectedDot, projected_dot_impl,
                               ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::S32>>().Ret<ffi::AnyBuffer>().Attr<int64_t>("block")
+                                  .Arg<ffi::Buffer<ffi::S32>>().Arg<ffi::Buffer<ffi::S32>>().Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("split"));
 // Its first derivatives, given the cotangent v [E, F]: dq [Nq, S, F], dk [Nk, S, F], dy [E, S]. Pass 1 runs over
 // receivers (dq, dy: gathers only); pass 2 gives each thread a range of sender rows (dk: no races).
 template <typename T>
-static void projected_dot_bwd(const T* q, const T* k, const T* y, const T* v, const int32_t* snd, T* dq, T* dk,
-                              T* dy, int64_t nr, int64_t nk, int64_t m, int64_t s_rows, int64_t f, int64_t split) {
+static void projected_dot_bwd(const T* q, const T* k, const T* y, const T* v, const int32_t* snd, const int64_t* off,
+                              T* dq, T* dk, T* dy, int64_t nr, int64_t nk, int64_t s_rows, int64_t f, int64_t split) {
   auto projections = [&](const T* qn, const T* kj, const T* ye, T* yq1, T* yk1, T* yq2, T* yk2) {
     std::fill(yq1, yq1 + 4 * f, T(0));  // the four rows are contiguous
     for (int64_t s = 0; s < s_rows; ++s) {
@@ -325,8 +356,7 @@ static void projected_dot_bwd(const T* q, const T* k, const T* y, const T* v, co
       const T* qn = q + n * s_rows * f;
       T* dqn = dq + n * s_rows * f;
       std::fill(dqn, dqn + s_rows * f, T(0));
-      for (int64_t j = 0; j < m; ++j) {
-        const int64_t e = n * m + j;
+      for (int64_t e = off[n]; e < off[n + 1]; ++e) {
         const T* kj = k + int64_t(snd[e]) * s_rows * f;
         const T* ye = y + e * s_rows;
         const T* ve = v + e * f;
@@ -354,44 +384,162 @@ static void projected_dot_bwd(const T* q, const T* k, const T* y, const T* v, co
       }
     }
   });
-  const int64_t n_edges = nr * m;
   parallel_for(nk, 16, [&](int64_t lo, int64_t hi) {
     std::vector<T> tmp(4 * f);
     T *yq1 = tmp.data(), *yk1 = yq1 + f, *yq2 = yk1 + f, *yk2 = yq2 + f;
     std::fill(dk + lo * s_rows * f, dk + hi * s_rows * f, T(0));
-    for (int64_t e = 0; e < n_edges; ++e) {
-      const int64_t kk = snd[e];
-      if (kk < lo || kk >= hi) continue;
-      const T* qn = q + (e / m) * s_rows * f;
-      const T* kj = k + kk * s_rows * f;
-      const T* ye = y + e * s_rows;
-      const T* ve = v + e * f;
-      projections(qn, kj, ye, yq1, yk1, yq2, yk2);
-      T* dkj = dk + kk * s_rows * f;
-      for (int64_t s = 0; s < s_rows; ++s) {
-        const T* yq = s < split ? yq1 : yq2;
-        const T ys = ye[s];
-        for (int64_t c = 0; c < f; ++c) dkj[s * f + c] += ve[c] * (qn[s * f + c] - ys * yq[c]);
+    for (int64_t n = 0; n < nr; ++n) {
+      for (int64_t e = off[n]; e < off[n + 1]; ++e) {
+        const int64_t kk = snd[e];
+        if (kk < lo || kk >= hi) continue;
+        const T* qn = q + n * s_rows * f;
+        const T* kj = k + kk * s_rows * f;
+        const T* ye = y + e * s_rows;
+        const T* ve = v + e * f;
+        projections(qn, kj, ye, yq1, yk1, yq2, yk2);
+        T* dkj = dk + kk * s_rows * f;
+        for (int64_t s = 0; s < s_rows; ++s) {
+          const T* yq = s < split ? yq1 : yq2;
+          const T ys = ye[s];
+          for (int64_t c = 0; c < f; ++c) dkj[s * f + c] += ve[c] * (qn[s * f + c] - ys * yq[c]);
+        }
       }
     }
   });
 }
 
 static ffi::Error projected_dot_bwd_impl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer y, ffi::AnyBuffer v,
-                                         ffi::Buffer<ffi::S32> snd, ffi::Result<ffi::AnyBuffer> dq,
-                                         ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dy,
-                                         int64_t block, int64_t split) {
+                                         ffi::Buffer<ffi::S32> snd, ffi::Buffer<ffi::S32> rcv,
+                                         ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
+                                         ffi::Result<ffi::AnyBuffer> dy, int64_t split) {
   auto kd = k.dimensions();
-  const int64_t f = kd.back(), s_rows = k.element_count() / kd.front() / f, e = snd.element_count();
-  if (auto err = check_senders(snd, kd.front()); err.failure()) return err;
+  const int64_t f = kd.back(), s_rows = k.element_count() / kd.front() / f, nr = q.dimensions().front();
+  std::vector<int64_t> off;
+  if (auto err = indices(snd, kd.front(), rcv, nr, off); err.failure()) return err;
   return by_float_type(k.element_type(), [&](auto tag) {
     using T = decltype(tag);
-    projected_dot_bwd(q.typed_data<T>(), k.typed_data<T>(), y.typed_data<T>(), v.typed_data<T>(), snd.typed_data(), dq->typed_data<T>(), dk->typed_data<T>(), dy->typed_data<T>(), e / block, kd.front(), block, s_rows, f, split);
+    projected_dot_bwd(q.typed_data<T>(), k.typed_data<T>(), y.typed_data<T>(), v.typed_data<T>(), snd.typed_data(),
+                      off.data(), dq->typed_data<T>(), dk->typed_data<T>(), dy->typed_data<T>(), nr, kd.front(),
+                      s_rows, f, split);
   });
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GeoditeProjectedDotBwd, projected_dot_bwd_impl,
                               ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>().Arg<ffi::Buffer<ffi::S32>>().Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>().Attr<int64_t>("block")
+                                  .Arg<ffi::AnyBuffer>().Arg<ffi::Buffer<ffi::S32>>().Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("split"));
+
+// Edge outer products summed per receiver (the sparse layout's Σ_j o_ij ⊗ Y_ij) and their partials, receiver
+// rows as above; one closed family again (the partials of Σ_e Σ_{s,f} o_ef y_es u_{r(e)sf}):
+// outer_sum: out[n, s, :] = sum_{e in row n} y[e, s] o[e, :]                 [R, S, F]
+// outer_do:  out[e, :]    = sum_s y[e, s] u[r(e), s, :]                       [E, F]
+// outer_dy:  out[e, s]    = sum_f u[r(e), s, f] o[e, f]                       [E, S]
+template <typename T>
+static void outer_sum(const T* o, const T* y, const int64_t* off, T* out, int64_t nr, int64_t s_rows, int64_t f) {
+  parallel_for(nr, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t n = lo; n < hi; ++n) {
+      T* on = out + n * s_rows * f;
+      std::fill(on, on + s_rows * f, T(0));
+      for (int64_t e = off[n]; e < off[n + 1]; ++e) {
+        const T* oe = o + e * f;
+        const T* ye = y + e * s_rows;
+        for (int64_t s = 0; s < s_rows; ++s) {
+          const T ys = ye[s];
+          T* os = on + s * f;
+          for (int64_t c = 0; c < f; ++c) os[c] += ys * oe[c];
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+static void outer_do(const T* u, const T* y, const int64_t* off, T* out, int64_t nr, int64_t s_rows, int64_t f) {
+  parallel_for(nr, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t n = lo; n < hi; ++n) {
+      const T* un = u + n * s_rows * f;
+      for (int64_t e = off[n]; e < off[n + 1]; ++e) {
+        const T* ye = y + e * s_rows;
+        T* oe = out + e * f;
+        std::fill(oe, oe + f, T(0));
+        for (int64_t s = 0; s < s_rows; ++s) {
+          const T ys = ye[s];
+          const T* us = un + s * f;
+          for (int64_t c = 0; c < f; ++c) oe[c] += ys * us[c];
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+static void outer_dy(const T* u, const T* o, const int64_t* off, T* out, int64_t nr, int64_t s_rows, int64_t f) {
+  parallel_for(nr, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t n = lo; n < hi; ++n) {
+      const T* un = u + n * s_rows * f;
+      for (int64_t e = off[n]; e < off[n + 1]; ++e) {
+        const T* oe = o + e * f;
+        for (int64_t s = 0; s < s_rows; ++s) {
+          const T* us = un + s * f;
+          T lanes[16] = {};
+          int64_t c = 0;
+          for (; c + 16 <= f; c += 16)
+            for (int l = 0; l < 16; ++l) lanes[l] += us[c + l] * oe[c + l];
+          for (; c < f; ++c) lanes[0] += us[c] * oe[c];
+          T acc = 0;
+          for (int l = 0; l < 16; ++l) acc += lanes[l];
+          out[e * s_rows + s] = acc;
+        }
+      }
+    }
+  });
+}
+
+// Receivers [E] of edge arrays with `n_edges` rows: sorted, in [0, nr).
+static ffi::Error edge_rows(ffi::Buffer<ffi::S32> rcv, int64_t n_edges, int64_t nr, std::vector<int64_t>& off) {
+  if (rcv.element_count() != n_edges) return ffi::Error::InvalidArgument("receivers and edge arrays differ in length");
+  return row_offsets(rcv, nr, off);
+}
+
+static ffi::Error outer_sum_impl(ffi::AnyBuffer o, ffi::AnyBuffer y, ffi::Buffer<ffi::S32> rcv,
+                                 ffi::Result<ffi::AnyBuffer> out) {
+  auto od = o.dimensions();
+  const int64_t f = od.back(), s_rows = y.dimensions().back(), nr = out->dimensions().front();
+  std::vector<int64_t> off;
+  if (auto err = edge_rows(rcv, od.front(), nr, off); err.failure()) return err;
+  return by_float_type(o.element_type(), [&](auto tag) {
+    using T = decltype(tag);
+    outer_sum(o.typed_data<T>(), y.typed_data<T>(), off.data(), out->typed_data<T>(), nr, s_rows, f);
+  });
+}
+
+static ffi::Error outer_do_impl(ffi::AnyBuffer u, ffi::AnyBuffer y, ffi::Buffer<ffi::S32> rcv,
+                                ffi::Result<ffi::AnyBuffer> out) {
+  auto ud = u.dimensions();
+  const int64_t f = ud.back(), s_rows = y.dimensions().back(), nr = ud.front();
+  std::vector<int64_t> off;
+  if (auto err = edge_rows(rcv, y.dimensions().front(), nr, off); err.failure()) return err;
+  return by_float_type(u.element_type(), [&](auto tag) {
+    using T = decltype(tag);
+    outer_do(u.typed_data<T>(), y.typed_data<T>(), off.data(), out->typed_data<T>(), nr, s_rows, f);
+  });
+}
+
+static ffi::Error outer_dy_impl(ffi::AnyBuffer u, ffi::AnyBuffer o, ffi::Buffer<ffi::S32> rcv,
+                                ffi::Result<ffi::AnyBuffer> out) {
+  auto ud = u.dimensions();
+  const int64_t f = ud.back(), s_rows = out->dimensions().back(), nr = ud.front();
+  std::vector<int64_t> off;
+  if (auto err = edge_rows(rcv, o.dimensions().front(), nr, off); err.failure()) return err;
+  return by_float_type(u.element_type(), [&](auto tag) {
+    using T = decltype(tag);
+    outer_dy(u.typed_data<T>(), o.typed_data<T>(), off.data(), out->typed_data<T>(), nr, s_rows, f);
+  });
+}
+
+#define BIND_OUTER ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::Buffer<ffi::S32>>() \
+    .Ret<ffi::AnyBuffer>()
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GeoditeOuterSum, outer_sum_impl, BIND_OUTER);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GeoditeOuterDo, outer_do_impl, BIND_OUTER);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GeoditeOuterDy, outer_dy_impl, BIND_OUTER);

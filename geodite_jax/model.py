@@ -167,7 +167,7 @@ class Interaction(nn.Module):
             The same numbers as ``messages``, with every edge array computed in its own piece: slices of
             edge arrays would become zero-padded ``[C·M, 6F]`` cotangents in the backward pass.
             """
-            n_e, c, m = t_c.shape[0], ec.num_nodes, ec.block
+            n_e = t_c.shape[0]
             a = jax.nn.silu(t_c @ w_a)
             qka = (ec.at_receivers(q_c) * ec.at_senders(k) * a).reshape(n_e, heads, f // heads).sum(-1)
             alpha = jax.nn.silu(qka) / math.sqrt(f)
@@ -177,7 +177,11 @@ class Interaction(nn.Module):
             o_parts = [ec.at_senders(v_parts[p]) * (alpha @ head_of[p])
                        + (t_c @ w_f_parts[p]) * ec.at_senders(x_parts[p]) for p in range(3)]
             o_s, o_d, o_x = o_parts
-            sum_d = jnp.einsum("cjf,cjs->csf", o_d.reshape(c, m, f), sh_c.reshape(c, m, 8))
+            if ec.block:
+                c, m = ec.num_nodes, ec.block
+                sum_d = jnp.einsum("cjf,cjs->csf", o_d.reshape(c, m, f), sh_c.reshape(c, m, 8))
+            else:  # Σ_j o_d ⊗ Y by a kernel too: XLA would form it as an [E, 8, F] array
+                sum_d = fused_kernels.outer_sum(o_d, sh_c, ec.kernel_receivers, ec.num_nodes)
             return ec.aggregate(o_s), sum_d, o_x
 
         edge_local = (t, sh) if keep is None else (t, sh, keep)
@@ -190,7 +194,8 @@ class Interaction(nn.Module):
                        for p in range(3)]
             sum_s, sum_d, o_x = edges.map_chunks(scalar_messages, (q,), edge_local)
             with jax.named_scope("fused_kernels"):
-                sum_x = sum_d + fused_kernels.gather_sum(o_x, x_st, edges.senders, edges.block)
+                sum_x = sum_d + fused_kernels.gather_sum(o_x, x_st, edges.senders, edges.kernel_receivers,
+                                                         edges.num_nodes)
         else:
             vx = jnp.concatenate([v_nodes, x_nodes], axis=-1)  # [N, 6F]: one sender gather for both
             sum_s, sum_x = edges.map_chunks(messages, (q,), edge_local)
@@ -242,7 +247,8 @@ class Interaction(nn.Module):
 
         if edges.fused_edge_update:  # Q⊥·K⊥ by the kernel over the whole graph: only its [E, Fe] result is kept
             with jax.named_scope("fused_kernels"):
-                w = fused_kernels.projected_dot(q_nodes, k_nodes, sh, edges.senders, edges.block)
+                w = fused_kernels.projected_dot(q_nodes, k_nodes, sh, edges.senders, edges.kernel_receivers,
+                                                edges.block)
             return edges.map_chunks(edge_update_fused, (), (t, w))[0]
         (t,) = edges.map_chunks(edge_update, (q_nodes,), (t, sh))
         return t
@@ -293,10 +299,11 @@ class Geodite(nn.Module):
     graph). Memory then grows only with the node state and the per-layer edge state ``[E, F]``; the numbers
     are the same for any chunk size.
 
-    ``fused``: contract the sender gathers with the CPU kernels of :mod:`geodite_jax.fused` (block layout
-    only). ``None``: where they are available and their extra edge state fits
-    :data:`~geodite_jax.fused.FUSED_BUDGET_BYTES`; ``True``: always (an error if they are unavailable);
-    ``False``: never. The numbers are the same either way.
+    ``fused``: contract the sender gathers with the CPU kernels of :mod:`geodite_jax.fused` (receiver-sorted
+    edges: the block layout, or the sparse layout with ``sorted_receivers``). ``None``: where they are
+    available and, in the block layout, their extra edge state fits
+    :data:`~geodite_jax.fused.FUSED_BUDGET_BYTES`; ``True``: always (an error if they are unavailable or the
+    receivers are not sorted); ``False``: never. The numbers are the same either way.
     """
 
     config: GeoditeConfig
@@ -383,8 +390,11 @@ class Geodite(nn.Module):
             inner = exchange
             exchange = lambda x: jnp.concatenate([inner(x[:n]), x[n:]])  # noqa: E731
         plan = (False, False)
-        if neighbours_per_node and self.fused is not False:
-            plan = fused_kernels.plan(senders.shape[0], cfg, vectors.dtype, force=bool(self.fused))
+        if self.fused and not (neighbours_per_node or sorted_receivers):
+            raise ValueError("fused=True needs receiver-sorted edges (neighbours_per_node or sorted_receivers)")
+        if (neighbours_per_node or sorted_receivers) and self.fused is not False:
+            plan = fused_kernels.plan(senders.shape[0], cfg, vectors.dtype, force=bool(self.fused),
+                                      chunked=bool(neighbours_per_node))
         edges = Edges(senders, receivers, species.shape[0], neighbours_per_node,
                       sorted_receivers or bool(neighbours_per_node), chunk, exchange, *plan)
         r, sh, phi, rcov_sum = self.geometry(vectors, species, edges)

@@ -16,23 +16,47 @@ pytestmark = pytest.mark.skipif(not fused.available(),
                                 reason=f"fused kernels unavailable: {fused.unavailable_reason()}")
 
 N, M, S, F = 7, 5, 8, 6
-SECOND = {"scatter_sum": (M, N), "gather_sum": (M,), "edge_dot": (M,), "proj": (), "proj_dc": (), "proj_dx": (N,)}
+E = N * M
+#: Output rows and node arguments beyond the arrays, per kernel (receiver rows, sender rows).
+ROWS = {"gather_sum": (N,), "edge_dot": (), "scatter_sum": (N,), "proj": (), "proj_dc": (), "proj_dx": (N,),
+        "outer_sum": (N,), "outer_do": (), "outer_dy": ()}
+
+
+def indices(rng: np.random.Generator, layout: str) -> tuple[jax.Array, jax.Array]:
+    """``(senders, receivers)``: blocks of M (receiver e // M), or sorted receivers of varying degree with an
+    empty row (the sparse layout)."""
+    senders = jnp.asarray(rng.integers(0, N, E), jnp.int32)
+    if layout == "block":
+        return senders, jnp.arange(E, dtype=jnp.int32) // M
+    rows = np.sort(rng.choice([r for r in range(N) if r != 2], E))
+    return senders, jnp.asarray(rows, jnp.int32)
 
 
 def operands(name: str, rng: np.random.Generator) -> tuple[jax.Array, jax.Array]:
-    shapes = {"gather_sum": ((N * M, F), (N, S, F)), "edge_dot": ((N, S, F), (N, S, F)),
-              "scatter_sum": ((N * M, F), (N, S, F)), "proj": ((N * M, S), (N, S, F)),
-              "proj_dc": ((N * M, 2, F), (N, S, F)), "proj_dx": ((N * M, S), (N * M, 2, F))}[name]
+    shapes = {"gather_sum": ((E, F), (N, S, F)), "edge_dot": ((N, S, F), (N, S, F)),
+              "scatter_sum": ((E, F), (N, S, F)), "proj": ((E, S), (N, S, F)),
+              "proj_dc": ((E, 2, F), (N, S, F)), "proj_dx": ((E, S), (E, 2, F)), "outer_sum": ((E, F), (E, S)),
+              "outer_do": ((N, S, F), (E, S)), "outer_dy": ((N, S, F), (E, F))}[name]
     return tuple(jnp.asarray(rng.normal(size=shape)) for shape in shapes)
 
 
-@pytest.mark.parametrize("name", sorted(SECOND))
-def test_kernels_match_xla_to_second_order(name):
+def kernel_fn(name: str, senders: jax.Array, receivers: jax.Array):
+    op = getattr(fused, name)
+    if name.startswith("proj"):
+        return lambda a, b: op(a, b, senders, *ROWS[name])
+    if name.startswith("outer"):
+        return lambda a, b: op(a, b, receivers, *ROWS[name])
+    return lambda a, b: op(a, b, senders, receivers, *ROWS[name])
+
+
+@pytest.mark.parametrize("layout", ["block", "sparse"])
+@pytest.mark.parametrize("name", sorted(ROWS))
+def test_kernels_match_xla_to_second_order(name, layout):
     rng = np.random.default_rng(0)
-    senders = jnp.asarray(rng.integers(0, N, N * M), jnp.int32)
+    senders, receivers = indices(rng, layout)
     a, b = operands(name, rng)
-    kernel = lambda a, b: getattr(fused, name)(a, b, senders, *SECOND[name])  # noqa: E731
-    ref = lambda a, b: fused.reference(name, a, b, senders, M if "sum" in name or name == "edge_dot" else 1, N)  # noqa: E731
+    kernel = kernel_fn(name, senders, receivers)
+    ref = lambda a, b: fused.reference(name, a, b, senders, receivers, N)  # noqa: E731
     np.testing.assert_allclose(jax.jit(kernel)(a, b), ref(a, b), rtol=0, atol=1e-13)
 
     def first(fn, a, b):  # a force-like derivative
@@ -46,13 +70,15 @@ def test_kernels_match_xla_to_second_order(name):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-11)
 
 
-def test_projected_dot_matches_xla_to_second_order():
+@pytest.mark.parametrize("layout", ["block", "sparse"])
+def test_projected_dot_matches_xla_to_second_order(layout):
     rng = np.random.default_rng(2)
-    senders = jnp.asarray(rng.integers(0, N, N * M), jnp.int32)
+    senders, receivers = indices(rng, layout)
     q, k = (jnp.asarray(rng.normal(size=(N, S, F))) for _ in range(2))
-    y = jnp.asarray(rng.normal(size=(N * M, S)))
-    kernel = lambda q, k, y: fused.projected_dot(q, k, y, senders, M)  # noqa: E731
-    ref = lambda q, k, y: fused.reference_projected_dot(q, k, y, senders, M)  # noqa: E731
+    y = jnp.asarray(rng.normal(size=(E, S)))
+    block = M if layout == "block" else None
+    kernel = lambda q, k, y: fused.projected_dot(q, k, y, senders, receivers, block)  # noqa: E731
+    ref = lambda q, k, y: fused.reference_projected_dot(q, k, y, senders, receivers)  # noqa: E731
     np.testing.assert_allclose(jax.jit(kernel)(q, k, y), ref(q, k, y), rtol=0, atol=1e-13)
 
     def first(fn, *args):
@@ -63,16 +89,29 @@ def test_projected_dot_matches_xla_to_second_order():
 
     for got, want in zip(first(kernel, q, k, y) + second(kernel, q, k, y), first(ref, q, k, y) + second(ref, q, k, y),
                          strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-11)
+        np.testing.assert_allclose(got, want, rtol=1e-11, atol=1e-11)
 
 
 def test_float32_and_vmap():
     rng = np.random.default_rng(1)
-    senders = jnp.asarray(rng.integers(0, N, N * M), jnp.int32)
-    w, x = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((2, N * M, F), (N, S, F)))
-    out = jax.vmap(lambda w: fused.gather_sum(w, x, senders, M))(w)
+    senders, receivers = indices(rng, "sparse")
+    w, x = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((2, E, F), (N, S, F)))
+    out = jax.vmap(lambda w: fused.gather_sum(w, x, senders, receivers, N))(w)
     assert out.dtype == jnp.float32 and out.shape == (2, N, S, F)
-    np.testing.assert_allclose(out[1], fused.reference("gather_sum", w[1], x, senders, M), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out[1], fused.reference("gather_sum", w[1], x, senders, receivers, N),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_unsorted_or_out_of_range_indices_are_refused():
+    rng = np.random.default_rng(3)
+    senders, receivers = indices(rng, "sparse")
+    w, x = jnp.ones((E, F)), jnp.ones((N, S, F))
+    with pytest.raises(Exception, match="receivers not sorted"):
+        jax.block_until_ready(fused.gather_sum(w, x, senders, receivers[::-1], N))
+    with pytest.raises(Exception, match="receiver index out of range"):
+        jax.block_until_ready(fused.gather_sum(w, x, senders, receivers, N - 2))
+    with pytest.raises(Exception, match="sender index out of range"):
+        jax.block_until_ready(fused.gather_sum(w, x, senders + N, receivers, N))
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +134,7 @@ def test_model_numbers_equal_the_xla_path_in_float64(tiny, block_batch, chunk_ed
         np.testing.assert_allclose(out[True][key], out[False][key], rtol=0, atol=1e-10, err_msg=key)
 
 
-@pytest.mark.slow  # 16 s; training uses the sparse layout today; the kernels' second derivatives are tested above
+@pytest.mark.slow  # 16 s; training uses the sparse layout (tested above), the kernels' second derivatives too
 def test_force_loss_parameter_gradients_equal_the_xla_path(tiny, block_batch):
     batch, block = block_batch
 
@@ -112,6 +151,53 @@ def test_force_loss_parameter_gradients_equal_the_xla_path(tiny, block_batch):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-10)
 
 
+@pytest.fixture(scope="module")
+def sparse_batch(tiny):
+    """Two structures in the sparse layout of training batches (receivers sorted, padding at the end)."""
+    cu = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 1, 1))
+    cu.numbers[::3] = 28
+    cu.rattle(0.08, seed=5)
+    nacl = bulk("NaCl", "rocksalt", a=5.64)
+    nacl.rattle(0.05, seed=6)
+    graphs = [gd.atoms_to_graph(a, tiny.config.cutoff, tiny.config.num_elements, np.float64) for a in (cu, nacl)]
+    n_edge = sum(int(g.n_edge[0]) for g in graphs) + 40
+    return jax.tree_util.tree_map(jnp.asarray, gd.batch_graphs(graphs, 16, n_edge, 3))
+
+
+def test_sparse_layout_numbers_equal_the_xla_path_in_float64(tiny, sparse_batch):
+    state = tiny.state(jnp.float64)
+    out = {f: jax.jit(gd.make_predict_fn(tiny.config, fused=f))(state, sparse_batch) for f in (False, True)}
+    for key in ("energy", "forces", "stress", "nn_per_layer"):
+        np.testing.assert_allclose(out[True][key], out[False][key], rtol=0, atol=1e-10, err_msg=key)
+
+
+def test_sparse_force_loss_parameter_gradients_with_dropout_equal_the_xla_path(tiny, sparse_batch):
+    """The training step's work: second derivatives through the kernels, attention dropout on."""
+    import dataclasses
+
+    config = dataclasses.replace(tiny.config, attention_dropout=0.2)
+    state = tiny.state(jnp.float64)
+    rng = jax.random.PRNGKey(3)
+
+    def grads(f):
+        fn = gd.make_predict_fn(config, fused=f)
+
+        def loss(params):
+            out = fn(state.replace(params=params), sparse_batch, None, rng)
+            return jnp.sum(out["energy"][:2] ** 2) + jnp.sum(out["forces"] ** 2) + jnp.sum(out["stress"][:2] ** 2)
+
+        return jax.jit(jax.grad(loss))(state.params)
+
+    for a, b in zip(jax.tree_util.tree_leaves(grads(True)), jax.tree_util.tree_leaves(grads(False)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_fused_true_needs_sorted_receivers(tiny, sparse_batch):
+    fn = gd.make_predict_fn(tiny.config, sorted_receivers=False, fused=True)
+    with pytest.raises(ValueError, match="fused=True needs receiver-sorted edges"):
+        fn(tiny.state(jnp.float64), sparse_batch)
+
+
 def test_plan_keeps_the_extra_memory_within_budget(monkeypatch):
     cfg = gd.GeoditeConfig.preset("mp")
     assert fused.plan(46_552, cfg, jnp.float32) == (True, True)  # Si-1000: 250 MB
@@ -119,20 +205,17 @@ def test_plan_keeps_the_extra_memory_within_budget(monkeypatch):
     assert fused.plan(190_000, cfg, jnp.float32) == (True, True)  # Si-4096: 1.0 GB
     assert fused.plan(260_000, cfg, jnp.float32) == (True, False)  # the messages first
     assert fused.plan(368_000, cfg, jnp.float32) == (False, False)  # Si-8000: the chunked XLA path
+    assert fused.plan(368_000, cfg, jnp.float32, chunked=False) == (True, True)  # sparse: no chunked path
     monkeypatch.setenv("GEODITE_FUSED", "0")
-    fused.unavailable_reason.cache_clear()
-    try:
-        assert fused.plan(100, cfg, jnp.float32) == (False, False)
-        with pytest.raises(RuntimeError, match="GEODITE_FUSED=0"):
-            fused.plan(100, cfg, jnp.float32, force=True)
-    finally:
-        monkeypatch.delenv("GEODITE_FUSED")
-        fused.unavailable_reason.cache_clear()
-        assert fused.available()
+    assert fused.plan(100, cfg, jnp.float32) == (False, False)
+    with pytest.raises(RuntimeError, match="GEODITE_FUSED=0"):
+        fused.plan(100, cfg, jnp.float32, force=True)
+    monkeypatch.delenv("GEODITE_FUSED")
+    assert fused.available()
 
 
 def test_other_dtypes_are_refused_not_reinterpreted():
-    senders = jnp.zeros((N * M,), jnp.int32)
-    w, x = jnp.ones((N * M, F), jnp.float16), jnp.ones((N, S, F), jnp.float16)
+    senders, receivers = indices(np.random.default_rng(4), "block")
+    w, x = jnp.ones((E, F), jnp.float16), jnp.ones((N, S, F), jnp.float16)
     with pytest.raises(Exception, match="float32 or float64"):
-        jax.block_until_ready(fused.gather_sum(w, x, senders, M))
+        jax.block_until_ready(fused.gather_sum(w, x, senders, receivers, N))

@@ -46,12 +46,13 @@ def initial_train_state(params: Any, optimizer: optax.GradientTransformation, dt
 
 
 def make_train_step(model_config: GeoditeConfig, optimizer: optax.GradientTransformation, norms: LossNorms,
-                    cfg: TrainConfig, mesh: Mesh) -> Callable[..., tuple[TrainState, dict]]:
+                    cfg: TrainConfig, mesh: Mesh, fused: bool | None = None) -> Callable[..., tuple[TrainState, dict]]:
     """``step(state, batch [D, ...], consts, key) -> (state, metrics)``, jitted and sharded over ``mesh``.
 
     ``consts``: a :class:`PotentialState` without params (E0 and s_E, not trained); ``key`` seeds dropout.
+    ``fused``: the fused CPU kernels (see :class:`~geodite_jax.model.Geodite`; None: where available).
     """
-    predict = make_predict_fn(model_config)
+    predict = make_predict_fn(model_config, fused=fused)
     weights = {"energy": cfg.energy_weight, "forces": cfg.forces_weight, "stress": cfg.stress_weight}
     dropout = model_config.attention_dropout > 0
 
@@ -93,24 +94,25 @@ def make_train_step(model_config: GeoditeConfig, optimizer: optax.GradientTransf
 
 @functools.lru_cache(maxsize=8)
 def _compiled_step(model_config: GeoditeConfig, recipe: str, norms: LossNorms, total_steps: int,
-                   mesh: Mesh) -> Callable[..., tuple[TrainState, dict]]:
+                   mesh: Mesh, fused: bool | None) -> Callable[..., tuple[TrainState, dict]]:
     # Runs with the same trajectory-defining options share one jitted step (and so one compilation):
     # a resumed run, or the runs of a test, do not compile again.
     cfg = TrainConfig.from_dict(json.loads(recipe))
     optimizer, _ = make_optimizer(cfg, total_steps)
-    return make_train_step(model_config, optimizer, norms, cfg, mesh)
+    return make_train_step(model_config, optimizer, norms, cfg, mesh, fused)
 
 
 def compiled_train_step(model_config: GeoditeConfig, cfg: TrainConfig, norms: LossNorms, total_steps: int,
-                        mesh: Mesh) -> Callable[..., tuple[TrainState, dict]]:
+                        mesh: Mesh, fused: bool | None = None) -> Callable[..., tuple[TrainState, dict]]:
     """:func:`make_train_step` with ``cfg``'s optimiser scheduled over ``total_steps``, shared by every run with
     the same trajectory-defining options (:meth:`TrainConfig.trajectory_options`)."""
     recipe = json.dumps(cfg.trajectory_options(), sort_keys=True)
-    return _compiled_step(model_config, recipe, norms, total_steps, mesh)
+    return _compiled_step(model_config, recipe, norms, total_steps, mesh, fused)
 
 
 def build_train_step(potential: Potential, cfg: TrainConfig, mesh: Mesh, norms: LossNorms,
-                     total_steps: int) -> tuple[Callable[..., tuple[TrainState, dict]], TrainState, PotentialState]:
+                     total_steps: int, fused: bool | None = None
+                     ) -> tuple[Callable[..., tuple[TrainState, dict]], TrainState, PotentialState]:
     """``(step, state, consts)`` of a run of ``cfg`` from ``potential``, ready for ``step(state, batch, consts,
     key)``: the jitted sharded step (:func:`compiled_train_step`), step 0 of the training state in ``cfg.dtype``
     and the untrained constants (E0, s_E), both replicated over ``mesh``. Batches come from
@@ -118,7 +120,7 @@ def build_train_step(potential: Potential, cfg: TrainConfig, mesh: Mesh, norms: 
     """
     dtype = resolve_dtype(cfg.dtype)
     optimizer, _ = make_optimizer(cfg, total_steps)
-    step = compiled_train_step(potential.config, cfg, norms, total_steps, mesh)
+    step = compiled_train_step(potential.config, cfg, norms, total_steps, mesh, fused)
     state = replicate(initial_train_state(potential.params, optimizer, dtype), mesh)
     consts = replicate(potential.state(dtype).replace(params=None), mesh)
     return step, state, consts
