@@ -74,9 +74,11 @@ class GeoditeCalculator(Calculator):
         self.potential.check_elements(atoms.numbers)
         graph = atoms_to_graph(atoms, self.potential.config.cutoff, self.potential.config.num_elements,
                                np.float32 if self.dtype == "float32" else np.float64)
-        # Grow-only buckets (10% steps): shrinking or fluctuating systems reuse the compiled larger shape.
+        # Grow-only buckets: shrinking or fluctuating systems reuse the compiled larger shape. Atom counts
+        # rarely change within a run, so their ladder is fine (2 %, multiples of 8: every padding node costs
+        # a block of edge slots); degrees and edge counts fluctuate in MD, so theirs is coarser (5 %, 10 %).
         n_edges = int(graph.n_edge[0])
-        self._node_budget = max(self._node_budget, bucket(len(atoms) + 1, 8, 8, growth=1.1))
+        self._node_budget = max(self._node_budget, bucket(len(atoms) + 1, 8, 8, growth=1.02))
         block = max(self._block_budget, bucket(max(max_degree([graph]), 1), 8, 2, growth=1.05))
         if self._node_budget * block <= 1.25 * max(n_edges, 1) or n_edges >= self.BLOCK_LAYOUT_EDGES:
             # Uniform degrees (crystals, liquids) or a large graph: neighbour blocks, sums by reshaping,

@@ -20,7 +20,7 @@ import numpy as np
 
 from . import fused as fused_kernels
 from .config import GeoditeConfig
-from .edges import Edges, chunk_nodes, default_chunk_edges, pad_vector
+from .edges import ONE_PASS_CHUNKS, Edges, chunk_nodes, default_chunk_edges, pad_vector
 from .elements import COVALENT_RADII
 from .priors import ZBL_CODE, ZBL_UNIVERSAL, soft_neighbour_terms, zbl_pair_energy
 from .radial import bessel_basis, distance_weighting, polynomial_envelope
@@ -295,9 +295,10 @@ class Geodite(nn.Module):
     must have a positive length (pad with vectors longer than the cutoff: they contribute exactly 0).
 
     ``chunk_edges``: in the neighbour-block layout every layer runs over chunks of receiver nodes holding
-    about this many edge slots each (``None``: :func:`default_chunk_edges`; ``0``: one pass over the whole
-    graph). Memory then grows only with the node state and the per-layer edge state ``[E, F]``; the numbers
-    are the same for any chunk size.
+    about this many edge slots each (``None``: :func:`default_chunk_edges`, and one pass for graphs of at
+    most :data:`~geodite_jax.edges.ONE_PASS_CHUNKS` such chunks; ``0``: one pass over the whole graph).
+    Memory then grows only with the node state and the per-layer edge state ``[E, F]``; the numbers are the
+    same for any chunk size.
 
     ``fused``: contract the sender gathers with the CPU kernels of :mod:`geodite_jax.fused` (receiver-sorted
     edges: the block layout, or the sparse layout with ``sorted_receivers``). ``None``: where they are
@@ -376,6 +377,8 @@ class Geodite(nn.Module):
         chunk_edges = self.chunk_edges
         if chunk_edges is None:
             chunk_edges = default_chunk_edges(cfg.num_features, vectors.dtype)
+            if vectors.shape[0] <= ONE_PASS_CHUNKS * chunk_edges:  # a small graph: chunks would only cost
+                chunk_edges = 0
         chunk = chunk_nodes(n, neighbours_per_node, chunk_edges)
         if chunk and n % chunk:
             # Pad once to whole chunks: padding nodes (species 0) own self-loop edges beyond the cutoff, so they
