@@ -15,21 +15,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-#: Bytes of one chunk's steerable message block [C·M, 8, F]: small enough to stay in cache, large enough that
-#: the per-chunk loop overhead is negligible. 6 MiB is 1,024 edge slots for Geodite-MP in float32 (see
-#: README, Benchmarks); small models get proportionally larger chunks, so small systems run in one pass.
+#: Bytes of one chunk's largest edge array: the steerable message block [C·M, 8, F] on the XLA path, an edge
+#: state [C·M, F] with the fused kernels (which take the [E, 8, F] work out of the chunks). Small enough to
+#: stay in cache, large enough that the per-chunk loop and recompute overhead is small: 1,024 edge slots per
+#: chunk for Geodite-MP in float32 on the XLA path, 12,288 with the kernels (11-12 % faster on Cu-256 and
+#: Si-1000 than 1,024 there, for 80 MB more; see README, Benchmarks). Small models get proportionally larger
+#: chunks, so small systems run in one pass.
 DEFAULT_CHUNK_BYTES = 6 * 2**20
 
 
-#: Graphs of at most this many default chunks run in one pass: their whole-graph temporaries stay small (about
-#: 0.6 GB for Geodite-MP in float32), and there chunks only cost (loop and recompute: NaCl-216, 7,168 edge
-#: slots, 8 % faster in one pass; Cu-256, 20,592 slots, no faster).
-ONE_PASS_CHUNKS = 8
-
-
-def default_chunk_edges(num_features: int, dtype: Any) -> int:
-    """Edge slots per chunk for :data:`DEFAULT_CHUNK_BYTES`: ``budget / (8 F · itemsize)``."""
-    return max(64, DEFAULT_CHUNK_BYTES // (8 * num_features * jnp.dtype(dtype).itemsize))
+def default_chunk_edges(num_features: int, dtype: Any, fused: bool = False) -> int:
+    """Edge slots per chunk for :data:`DEFAULT_CHUNK_BYTES`: ``budget / (8 F · itemsize)``, or with the fused
+    kernels (``fused``: the messages are fused) ``budget / (F · itemsize)``."""
+    per_slot = (1 if fused else 8) * num_features * jnp.dtype(dtype).itemsize
+    return max(64, DEFAULT_CHUNK_BYTES // per_slot)
 
 
 @struct.dataclass

@@ -20,7 +20,7 @@ import numpy as np
 
 from . import fused as fused_kernels
 from .config import GeoditeConfig
-from .edges import ONE_PASS_CHUNKS, Edges, chunk_nodes, default_chunk_edges, pad_vector
+from .edges import Edges, chunk_nodes, default_chunk_edges, pad_vector
 from .elements import COVALENT_RADII
 from .priors import ZBL_CODE, ZBL_UNIVERSAL, soft_neighbour_terms, zbl_pair_energy
 from .radial import bessel_basis, distance_weighting, polynomial_envelope
@@ -295,8 +295,8 @@ class Geodite(nn.Module):
     must have a positive length (pad with vectors longer than the cutoff: they contribute exactly 0).
 
     ``chunk_edges``: in the neighbour-block layout every layer runs over chunks of receiver nodes holding
-    about this many edge slots each (``None``: :func:`default_chunk_edges`, and one pass for graphs of at
-    most :data:`~geodite_jax.edges.ONE_PASS_CHUNKS` such chunks; ``0``: one pass over the whole graph).
+    about this many edge slots each (``None``: :func:`default_chunk_edges`, larger with the fused kernels;
+    ``0``: one pass over the whole graph).
     Memory then grows only with the node state and the per-layer edge state ``[E, F]``; the numbers are the
     same for any chunk size.
 
@@ -374,11 +374,16 @@ class Geodite(nn.Module):
         if neighbours_per_node is not None and vectors.shape[0] != n * neighbours_per_node:
             raise ValueError(f"neighbours_per_node={neighbours_per_node} needs {n} x {neighbours_per_node} edges, "
                              f"got {vectors.shape[0]}")
+        plan = (False, False)
+        if self.fused and not (neighbours_per_node or sorted_receivers):
+            raise ValueError("fused=True needs receiver-sorted edges (neighbours_per_node or sorted_receivers)")
+        if (neighbours_per_node or sorted_receivers) and self.fused is not False:
+            # Budgeted on the graph's own edge slots (chunk padding below adds less than one chunk).
+            plan = fused_kernels.plan(senders.shape[0], cfg, vectors.dtype, force=bool(self.fused),
+                                      chunked=bool(neighbours_per_node))
         chunk_edges = self.chunk_edges
         if chunk_edges is None:
-            chunk_edges = default_chunk_edges(cfg.num_features, vectors.dtype)
-            if vectors.shape[0] <= ONE_PASS_CHUNKS * chunk_edges:  # a small graph: chunks would only cost
-                chunk_edges = 0
+            chunk_edges = default_chunk_edges(cfg.num_features, vectors.dtype, fused=plan[0])
         chunk = chunk_nodes(n, neighbours_per_node, chunk_edges)
         if chunk and n % chunk:
             # Pad once to whole chunks: padding nodes (species 0) own self-loop edges beyond the cutoff, so they
@@ -392,12 +397,6 @@ class Geodite(nn.Module):
         if exchange is not None and species.shape[0] > n:  # chunk padding rows are nobody's ghosts
             inner = exchange
             exchange = lambda x: jnp.concatenate([inner(x[:n]), x[n:]])  # noqa: E731
-        plan = (False, False)
-        if self.fused and not (neighbours_per_node or sorted_receivers):
-            raise ValueError("fused=True needs receiver-sorted edges (neighbours_per_node or sorted_receivers)")
-        if (neighbours_per_node or sorted_receivers) and self.fused is not False:
-            plan = fused_kernels.plan(senders.shape[0], cfg, vectors.dtype, force=bool(self.fused),
-                                      chunked=bool(neighbours_per_node))
         edges = Edges(senders, receivers, species.shape[0], neighbours_per_node,
                       sorted_receivers or bool(neighbours_per_node), chunk, exchange, *plan)
         r, sh, phi, rcov_sum = self.geometry(vectors, species, edges)
