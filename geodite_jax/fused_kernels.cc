@@ -29,7 +29,27 @@ template <typename Fn> static void parallel_for(int64_t n, int64_t min_per_threa
   for (auto& w : workers) w.join();
 }
 
+// Σ_c a[c] b[c] in 16 lane-wise partial sums, so the compiler vectorises the reduction without reassociating it.
+template <typename T> static inline T lane_dot(const T* a, const T* b, int64_t f) {
+  T lanes[16] = {};
+  int64_t c = 0;
+  for (; c + 16 <= f; c += 16)
+    for (int l = 0; l < 16; ++l) lanes[l] += a[c + l] * b[c + l];
+  for (; c < f; ++c) lanes[0] += a[c] * b[c];
+  T acc = 0;
+  for (int l = 0; l < 16; ++l) acc += lanes[l];
+  return acc;
+}
+
 // Receiver rows: the edges are sorted by receiver, row n owns edges off[n] .. off[n + 1] - 1.
+// fn(n, e) for every edge e of every row n, the rows split over threads (for kernels with per-edge outputs).
+template <typename Fn> static void for_row_edges(int64_t nr, const int64_t* off, Fn&& fn) {
+  parallel_for(nr, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t n = lo; n < hi; ++n)
+      for (int64_t e = off[n]; e < off[n + 1]; ++e) fn(n, e);
+  });
+}
+
 template <typename T>
 static void gather_sum(const T* w, const T* x, const int32_t* snd, const int64_t* off, T* out, int64_t nr,
                        int64_t sf, int64_t f) {
@@ -55,19 +75,15 @@ template <typename T>
 static void edge_dot(const T* g, const T* x, const int32_t* snd, const int64_t* off, T* out, int64_t nr,
                      int64_t sf, int64_t f) {
   const int64_t s_rows = sf / f;
-  parallel_for(nr, 16, [&](int64_t lo, int64_t hi) {
-    for (int64_t n = lo; n < hi; ++n) {
-      const T* gn = g + n * sf;
-      for (int64_t e = off[n]; e < off[n + 1]; ++e) {
-        T* o = out + e * f;
-        const T* xs = x + int64_t(snd[e]) * sf;
-        std::fill(o, o + f, T(0));
-        for (int64_t s = 0; s < s_rows; ++s) {
-          const T* gs = gn + s * f;
-          const T* xss = xs + s * f;
-          for (int64_t c = 0; c < f; ++c) o[c] += gs[c] * xss[c];
-        }
-      }
+  for_row_edges(nr, off, [&](int64_t n, int64_t e) {
+    const T* gn = g + n * sf;
+    const T* xs = x + int64_t(snd[e]) * sf;
+    T* o = out + e * f;
+    std::fill(o, o + f, T(0));
+    for (int64_t s = 0; s < s_rows; ++s) {
+      const T* gs = gn + s * f;
+      const T* xss = xs + s * f;
+      for (int64_t c = 0; c < f; ++c) o[c] += gs[c] * xss[c];
     }
   });
 }
@@ -208,16 +224,7 @@ static void proj_dc(const T* u, const T* x, const int32_t* snd, T* out, int64_t 
       const T* xs = x + int64_t(snd[e]) * s_rows * f;
       for (int64_t s = 0; s < s_rows; ++s) {
         const T* ul = u + e * 2 * f + (s < split ? 0 : f);
-        const T* xss = xs + s * f;
-        // Lane-wise partial sums, so the compiler vectorises the reduction without reassociating it.
-        T lanes[16] = {};
-        int64_t k = 0;
-        for (; k + 16 <= f; k += 16)
-          for (int l = 0; l < 16; ++l) lanes[l] += ul[k + l] * xss[k + l];
-        for (; k < f; ++k) lanes[0] += ul[k] * xss[k];
-        T acc = 0;
-        for (int l = 0; l < 16; ++l) acc += lanes[l];
-        out[e * s_rows + s] = acc;
+        out[e * s_rows + s] = lane_dot(ul, xs + s * f, f);
       }
     }
   });
@@ -456,43 +463,23 @@ static void outer_sum(const T* o, const T* y, const int64_t* off, T* out, int64_
 
 template <typename T>
 static void outer_do(const T* u, const T* y, const int64_t* off, T* out, int64_t nr, int64_t s_rows, int64_t f) {
-  parallel_for(nr, 16, [&](int64_t lo, int64_t hi) {
-    for (int64_t n = lo; n < hi; ++n) {
-      const T* un = u + n * s_rows * f;
-      for (int64_t e = off[n]; e < off[n + 1]; ++e) {
-        const T* ye = y + e * s_rows;
-        T* oe = out + e * f;
-        std::fill(oe, oe + f, T(0));
-        for (int64_t s = 0; s < s_rows; ++s) {
-          const T ys = ye[s];
-          const T* us = un + s * f;
-          for (int64_t c = 0; c < f; ++c) oe[c] += ys * us[c];
-        }
-      }
+  for_row_edges(nr, off, [&](int64_t n, int64_t e) {
+    const T* un = u + n * s_rows * f;
+    const T* ye = y + e * s_rows;
+    T* oe = out + e * f;
+    std::fill(oe, oe + f, T(0));
+    for (int64_t s = 0; s < s_rows; ++s) {
+      const T ys = ye[s];
+      const T* us = un + s * f;
+      for (int64_t c = 0; c < f; ++c) oe[c] += ys * us[c];
     }
   });
 }
 
 template <typename T>
 static void outer_dy(const T* u, const T* o, const int64_t* off, T* out, int64_t nr, int64_t s_rows, int64_t f) {
-  parallel_for(nr, 16, [&](int64_t lo, int64_t hi) {
-    for (int64_t n = lo; n < hi; ++n) {
-      const T* un = u + n * s_rows * f;
-      for (int64_t e = off[n]; e < off[n + 1]; ++e) {
-        const T* oe = o + e * f;
-        for (int64_t s = 0; s < s_rows; ++s) {
-          const T* us = un + s * f;
-          T lanes[16] = {};
-          int64_t c = 0;
-          for (; c + 16 <= f; c += 16)
-            for (int l = 0; l < 16; ++l) lanes[l] += us[c + l] * oe[c + l];
-          for (; c < f; ++c) lanes[0] += us[c] * oe[c];
-          T acc = 0;
-          for (int l = 0; l < 16; ++l) acc += lanes[l];
-          out[e * s_rows + s] = acc;
-        }
-      }
-    }
+  for_row_edges(nr, off, [&](int64_t n, int64_t e) {
+    for (int64_t s = 0; s < s_rows; ++s) out[e * s_rows + s] = lane_dot(u + (n * s_rows + s) * f, o + e * f, f);
   });
 }
 
