@@ -1,6 +1,6 @@
 """geodite_jax: Geodite, an O(3)-equivariant interatomic potential without tensor products, in JAX/Flax."""
 
-from . import xla_setup  # noqa: F401  (first: sets XLA:CPU's memory-oriented scheduler, see xla_setup)
+from . import host_memory, xla_setup  # noqa: F401  (first: process settings that must precede JAX's backend)
 from .calculator import GeoditeCalculator
 from .config import GeoditeConfig
 from .energy import PotentialState, atom_energies, make_energy_fn, make_predict_fn, padding_masks
