@@ -22,6 +22,8 @@ from flax import struct
 #: Si-1000 than 1,024 there, for 80 MB more; see README, Benchmarks). Small models get proportionally larger
 #: chunks, so small systems run in one pass.
 DEFAULT_CHUNK_BYTES = 6 * 2**20
+#: Name (``jax.ad_checkpoint.checkpoint_name``) of the per-edge matmul outputs a chunk may keep for its backward.
+SAVED_MATMUL = "edge_matmul"
 
 
 def default_chunk_edges(num_features: int, dtype: Any, fused: bool = False) -> int:
@@ -53,6 +55,9 @@ class Edges:
     #: whole graph by the CPU kernels of :mod:`geodite_jax.fused` instead of (per chunk) in XLA.
     fused_messages: bool = struct.field(pytree_node=False, default=False)
     fused_edge_update: bool = struct.field(pytree_node=False, default=False)
+    #: Chunked layout: keep the chunks' matmul outputs (tagged :data:`SAVED_MATMUL`) for the backward pass
+    #: instead of recomputing them with the rest of the chunk (the model decides, from a memory budget).
+    save_matmuls: bool = struct.field(pytree_node=False, default=False)
 
     @property
     def kernel_receivers(self) -> jnp.ndarray:
@@ -94,7 +99,9 @@ class Edges:
 
         Each chunk is a ``jax.checkpoint``: the backward pass recomputes the chunk's edge intermediates
         instead of keeping them, so no ``[E, 8, F]`` array ever exists whole, and the working set of one
-        chunk stays in cache. The numbers do not depend on the chunk size (sums run within a node's block).
+        chunk stays in cache. With :attr:`save_matmuls` the chunk keeps its outputs tagged
+        :data:`SAVED_MATMUL` (``[C·M, F]``-sized matmul results) and recomputes only the cheap rest.
+        The numbers do not depend on the chunk size (sums run within a node's block).
         """
         with jax.named_scope(fn.__name__):  # names the block in profiles (experiments/profile_eval.py)
             return self._map_chunks(fn, node_local, edge_local)
@@ -115,10 +122,12 @@ class Edges:
         xs = (split(self.senders, chunk * m), tuple(split(x, chunk) for x in node_local),
               tuple(split(x, chunk * m) for x in edge_local))
 
-        @jax.checkpoint
-        def body(args: tuple) -> tuple[jnp.ndarray, ...]:
+        def chunk_fn(args: tuple) -> tuple[jnp.ndarray, ...]:
             senders, nodes, edges = args
             return fn(Edges(senders, None, chunk, m, True), *nodes, *edges)
+
+        policy = jax.checkpoint_policies.save_only_these_names(SAVED_MATMUL) if self.save_matmuls else None
+        body = jax.checkpoint(chunk_fn, policy=policy)
 
         outs = jax.lax.map(body, xs)
         return tuple(o.reshape(-1, *o.shape[2:]) for o in outs)

@@ -219,3 +219,31 @@ def test_other_dtypes_are_refused_not_reinterpreted():
     w, x = jnp.ones((E, F), jnp.float16), jnp.ones((N, S, F), jnp.float16)
     with pytest.raises(Exception, match="float32 or float64"):
         jax.block_until_ready(fused.gather_sum(w, x, senders, receivers, N))
+
+
+def _count_dots(jaxpr) -> int:
+    """Matrix products in a jaxpr, sub-jaxprs (loop bodies, checkpoints) included."""
+    from jax.extend.core import jaxprs_in_params
+
+    return sum((eqn.primitive.name == "dot_general") + sum(_count_dots(sub) for sub in jaxprs_in_params(eqn.params))
+               for eqn in jaxpr.eqns)
+
+
+def test_chunks_keep_their_matmul_outputs_within_budget_with_the_same_numbers(tiny, block_batch, monkeypatch):
+    from geodite_jax import model
+
+    cfg = gd.GeoditeConfig.preset("mp")
+    assert model.saved_matmul_bytes(19_968, cfg, jnp.float32) <= model.SAVED_MATMUL_BUDGET_BYTES  # Cu-256: 383 MB
+    assert model.saved_matmul_bytes(48_000, cfg, jnp.float32) > model.SAVED_MATMUL_BUDGET_BYTES  # Si-1000: 0.9 GB
+    batch, block = block_batch
+    state = tiny.state(jnp.float64)
+    out, dots, default = {}, {}, model.SAVED_MATMUL_BUDGET_BYTES
+    for budget in (default, 0):
+        monkeypatch.setattr(model, "SAVED_MATMUL_BUDGET_BYTES", budget)
+        fn = gd.make_predict_fn(tiny.config, neighbours_per_node=block, chunk_edges=96, fused=True)
+        dots[budget] = _count_dots(jax.make_jaxpr(fn)(state, batch).jaxpr)
+        out[budget] = jax.jit(fn)(state, batch)
+    # Kept: the backward pass recomputes none of the 4 + 3 tagged products of the 2 + 1 message and edge updates.
+    assert dots[0] - dots[default] == 4 * 2 + 3, dots
+    for key in ("energy", "forces", "stress", "nn_per_layer"):
+        np.testing.assert_allclose(out[0][key], out[default][key], rtol=0, atol=1e-12, err_msg=key)
