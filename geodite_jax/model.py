@@ -43,10 +43,10 @@ SAVED_MATMUL_BUDGET_BYTES = 2**29
 
 def saved_matmul_bytes(num_slots: int, config: GeoditeConfig, dtype: Any) -> int:
     """Bytes of the per-edge matmul outputs that :func:`_saved` tags, over ``num_slots`` edge slots: per layer
-    the attention pre-activation and the three filter parts (4F), and the edge update's two MLP pre-activations
-    and its gated projection (F_m + 2F) on every layer but the last."""
+    the attention pre-activation and the three filter parts (4F; 3F in the first layer), and the edge update's two
+    MLP pre-activations and its gated projection (F_m + 2F) on every layer but the last."""
     f, layers = config.num_features, config.num_layers
-    per_slot = layers * 4 * f + (layers - 1) * (config.edge_mlp_features + 2 * f)
+    per_slot = (4 * layers - 1) * f + (layers - 1) * (config.edge_mlp_features + 2 * f)
     return num_slots * per_slot * jnp.dtype(dtype).itemsize
 
 
@@ -119,11 +119,14 @@ class NodeInit(nn.Module):
 class Interaction(nn.Module):
     """Joint RMS norm, attention + spatial filter messages, density-normalised update, edge refinement.
 
-    §3.6-3.7. ``last`` layers have no edge refinement (and no such weights).
+    §3.6-3.7. ``last`` layers have no edge refinement (and no such weights). ``first``: the layer's steerable
+    input is zero (the first layer's), so the part of the messages that multiplies the senders' steerables
+    (``o_x``) is skipped: the same numbers and parameters, a quarter fewer message matmuls in that layer.
     """
 
     config: GeoditeConfig
     last: bool
+    first: bool = False
 
     @nn.compact
     def __call__(self, h: jnp.ndarray, x_st: jnp.ndarray, t: jnp.ndarray, sh: jnp.ndarray, phi: jnp.ndarray,
@@ -174,6 +177,11 @@ class Interaction(nn.Module):
                 o = jax.lax.optimization_barrier(o)
             o_s, o_d, o_x = o[:, :f], o[:, f:2 * f], o[:, 2 * f:]
             # 7. Messages, summed per receiver.
+            if self.first:  # o_x multiplies zero steerables
+                if ec.block:
+                    c, m = ec.num_nodes, ec.block
+                    return ec.aggregate(o_s), jnp.einsum("cjf,cjs->csf", o_d.reshape(c, m, f), sh_c.reshape(c, m, 8))
+                return ec.aggregate(o_s), ec.aggregate(o_d[:, None, :] * sh_c[:, :, None])
             x_j = ec.at_senders(x_st)
             if ec.block:  # Σ_j o_d Y as a batched matmul; no [C·M, 8, F] message array is formed
                 c, m = ec.num_nodes, ec.block
@@ -184,8 +192,9 @@ class Interaction(nn.Module):
             return ec.aggregate(o_s), ec.aggregate(o_d[:, None, :] * sh_c[:, :, None] + o_x[:, None, :] * x_j)
 
         def scalar_messages(ec: Edges, q_c: jnp.ndarray, t_c: jnp.ndarray, sh_c: jnp.ndarray,
-                            *keep_c: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
-            """The fused path's chunk: ``Σ o_s [C, F]``, ``Σ o_d Y [C, 8, F]`` and the sender weights ``o_x [C·M, F]``.
+                            *keep_c: jnp.ndarray) -> tuple[jnp.ndarray, ...]:
+            """The fused path's chunk: ``Σ o_s [C, F]``, ``Σ o_d Y [C, 8, F]`` and the sender weights ``o_x [C·M, F]``
+            (not in the first layer).
 
             The same numbers as ``messages``, with every edge array computed in its own piece: slices of
             edge arrays would become zero-padded ``[C·M, 6F]`` cotangents in the backward pass.
@@ -198,14 +207,14 @@ class Interaction(nn.Module):
                 alpha = alpha * keep_c[0]
             # Part p of o = v_j (attention of the head that owns each channel) + filter ⊙ x_j.
             o_parts = [ec.at_senders(v_parts[p]) * (alpha @ head_of[p])
-                       + _saved(t_c @ w_f_parts[p]) * ec.at_senders(x_parts[p]) for p in range(3)]
-            o_s, o_d, o_x = o_parts
+                       + _saved(t_c @ w_f_parts[p]) * ec.at_senders(x_parts[p]) for p in range(2 if self.first else 3)]
+            o_s, o_d = o_parts[:2]
             if ec.block:
                 c, m = ec.num_nodes, ec.block
                 sum_d = jnp.einsum("cjf,cjs->csf", o_d.reshape(c, m, f), sh_c.reshape(c, m, 8))
             else:  # Σ_j o_d ⊗ Y by a kernel too: XLA would form it as an [E, 8, F] array
                 sum_d = fused_kernels.outer_sum(o_d, sh_c, ec.kernel_receivers, ec.num_nodes)
-            return ec.aggregate(o_s), sum_d, o_x
+            return (ec.aggregate(o_s), sum_d, *o_parts[2:])
 
         edge_local = (t, sh) if keep is None else (t, sh, keep)
         if edges.fused_messages:  # Σ_j o_x X_j by the kernel over the whole graph: no [E, 8, F] gather or scatter
@@ -215,10 +224,11 @@ class Interaction(nn.Module):
             owner = np.arange(3 * f) // (3 * f // heads)
             head_of = [jnp.asarray(np.arange(heads)[:, None] == owner[None, p * f:(p + 1) * f], t.dtype)
                        for p in range(3)]
-            sum_s, sum_d, o_x = edges.map_chunks(scalar_messages, (q,), edge_local)
-            with jax.named_scope("fused_kernels"):
-                sum_x = sum_d + fused_kernels.gather_sum(o_x, x_st, edges.senders, edges.kernel_receivers,
-                                                         edges.num_nodes)
+            sum_s, sum_x, *o_x = edges.map_chunks(scalar_messages, (q,), edge_local)
+            if o_x:
+                with jax.named_scope("fused_kernels"):
+                    sum_x = sum_x + fused_kernels.gather_sum(o_x[0], x_st, edges.senders, edges.kernel_receivers,
+                                                             edges.num_nodes)
         else:
             vx = jnp.concatenate([v_nodes, x_nodes], axis=-1)  # [N, 6F]: one sender gather for both
             sum_s, sum_x = edges.map_chunks(messages, (q,), edge_local)
@@ -299,11 +309,12 @@ class Layer(nn.Module):
 
     config: GeoditeConfig
     last: bool
+    first: bool = False
 
     @nn.compact
     def __call__(self, h: jnp.ndarray, x_st: jnp.ndarray, t: jnp.ndarray, sh: jnp.ndarray, phi: jnp.ndarray,
                  edges: Edges, deterministic: bool) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
-        h, x_st, t = Interaction(self.config, self.last, name="interaction")(
+        h, x_st, t = Interaction(self.config, self.last, self.first, name="interaction")(
             h, x_st, t, sh, phi, edges, deterministic)
         h, x_st = Coupling(self.config, name="coupling")(h, x_st)
         return h, x_st, t
@@ -340,7 +351,8 @@ class Geodite(nn.Module):
         self.geometry = EdgeGeometry(cfg)
         self.node_init = NodeInit(cfg)
         layer_cls = nn.remat(Layer, static_argnums=(7,)) if cfg.remat else Layer  # argnum 7 (with self): deterministic
-        self.layers = [layer_cls(cfg, last=(i == cfg.num_layers - 1)) for i in range(cfg.num_layers)]
+        # Layer 0 reads the zero steerables that _encode starts from (its ``first`` skips their messages).
+        self.layers = [layer_cls(cfg, last=(i == cfg.num_layers - 1), first=(i == 0)) for i in range(cfg.num_layers)]
         # One bias-free Linear(F, 1) per layer, Xavier-uniform as in the reference (fan_in F, fan_out 1).
         readout_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=-1, out_axis=-2,
                                                         dtype=jnp.float32)
