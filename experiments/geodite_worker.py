@@ -115,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         "jax_enable_x64": bool(jax.config.jax_enable_x64),
         "matmul_precision": str(jax.config.jax_default_matmul_precision),
         "jax_devices": [str(d) for d in jax.devices()],
+        # geodite_jax.host_memory: glibc keeps freed memory in the process (no per-call page faults).
+        "host_memory_kept": bool(getattr(getattr(gd, "host_memory", None), "APPLIED", False)),
         "config": config_dict(cfg),
         "versions": versions,
     }
