@@ -61,6 +61,7 @@ def test_jaxmd_matches_calculator_triclinic(pot, fmt):
     assert abs(atoms.get_stress()).max() > 1e-4  # a non-trivial stress was compared
 
 
+@pytest.mark.slow  # free space is also checked by test_jaxmd_front_door; 18 s
 def test_jaxmd_free_space_matches_calculator(pot):
     atoms = molecule("CH3CH2OH")
     system = jaxmd_system(pot, atoms, dtype="float64")
@@ -95,6 +96,7 @@ def test_nve_energy_conservation_1000_steps(si64):
     assert min(r["temperature_K"] for r in records[1:]) > 100.0
 
 
+@pytest.mark.slow  # the bitwise float32 resume test (test_simulation_resume) runs by default
 def test_resume_equals_uninterrupted_run(si64, tmp_path):
     """NVT Langevin (its RNG key in the state): 2 x 30 steps through a checkpoint equal 60 steps at once."""
     _, system = si64
@@ -180,6 +182,7 @@ def test_fire_jaxmd_and_ase_cell_relaxation(pot, si64):
     assert abs(cell_result.atoms.get_volume() - small.get_volume()) > 0.1  # the cell did move
 
 
+@pytest.mark.slow  # jax-md and the calculator agree in the default tests; 22 s
 def test_ase_md_matches_jaxmd_nve(pot, si64):
     """ASE's VelocityVerlet with GeoditeCalculator and jax-md's NVE give the same 20-step trajectory."""
     from ase.md.verlet import VelocityVerlet
