@@ -575,8 +575,9 @@ def main(argv: list[str] | None = None) -> int:
         args.max_rss_gb = 0.9 * mem_available_bytes() / 1e9 or 20.0
 
     now = dt.datetime.now(dt.timezone.utc)
-    stem = args.out_stem or f"bench_speed_{now:%Y-%m-%d}" + ("_quick" if args.quick else "") + (
-        "_thp" if args.malloc == "thp" else "")
+    stem = args.out_stem or f"bench_speed_{now:%Y-%m-%d}" + ("_quick" if args.quick else "")
+    if args.malloc == "thp" and not stem.endswith("_thp"):  # never overwrite a default-allocator run's report
+        stem += "_thp"
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     paths = write_structures(structures)
     print(
