@@ -150,7 +150,6 @@ class Interaction(nn.Module):
 
         # 2-3. Node projections, fused into one matmul; edge projections per chunk.
         q, k, hx, hv = jnp.split(h @ jnp.concatenate([w_q, w_k, w_x1, w_v1], 1), 4, axis=-1)
-        v_nodes, x_nodes = jax.nn.silu(hv) @ w_v2, jax.nn.silu(hx) @ w_x2  # [N, 3F] each
         w_edge = jnp.concatenate([w_a, w_f], axis=1)
         keep = None
         if cfg.attention_dropout and not deterministic:  # the mask is drawn whole: numbers don't depend on chunks
@@ -218,7 +217,12 @@ class Interaction(nn.Module):
 
         edge_local = (t, sh) if keep is None else (t, sh, keep)
         if edges.fused_messages:  # Σ_j o_x X_j by the kernel over the whole graph: no [E, 8, F] gather or scatter
-            v_parts, x_parts = jnp.split(v_nodes, 3, axis=1), jnp.split(x_nodes, 3, axis=1)
+            # [N, F] parts of the values and invariant filters; the first layer needs no o_x part, and a part
+            # computed but unused would leave a zero cotangent times a weight (constant-folded when jitted over
+            # fixed parameters, as jax-md's energy is).
+            parts = 2 if self.first else 3
+            v_parts = jnp.split(jax.nn.silu(hv) @ w_v2[:, :parts * f], parts, axis=1)
+            x_parts = jnp.split(jax.nn.silu(hx) @ w_x2[:, :parts * f], parts, axis=1)
             w_f_parts = jnp.split(w_f, 3, axis=1)
             # head_of[p] [H, F]: one-hot of the head that owns channel p·F + c of the 3F attended values.
             owner = np.arange(3 * f) // (3 * f // heads)
@@ -230,7 +234,7 @@ class Interaction(nn.Module):
                     sum_x = sum_x + fused_kernels.gather_sum(o_x[0], x_st, edges.senders, edges.kernel_receivers,
                                                              edges.num_nodes)
         else:
-            vx = jnp.concatenate([v_nodes, x_nodes], axis=-1)  # [N, 6F]: one sender gather for both
+            vx = jnp.concatenate([jax.nn.silu(hv) @ w_v2, jax.nn.silu(hx) @ w_x2], axis=-1)  # [N, 6F]: one gather
             sum_s, sum_x = edges.map_chunks(messages, (q,), edge_local)
         # 8. Density-normalised aggregation.
         inv_density = 1.0 / (1.0 + edges.aggregate(soft_neighbour_terms(phi / cfg.num_rbf, w_density)))
