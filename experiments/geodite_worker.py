@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         "matmul_precision": str(jax.config.jax_default_matmul_precision),
         "jax_devices": [str(d) for d in jax.devices()],
         # geodite_jax.host_memory: glibc keeps freed memory in the process (no per-call page faults).
-        "host_memory_kept": bool(getattr(getattr(gd, "host_memory", None), "APPLIED", False)),
+        "host_memory_kept": gd.host_memory.APPLIED,
         "config": config_dict(cfg),
         "versions": versions,
     }

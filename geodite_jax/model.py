@@ -55,6 +55,22 @@ def _saved(x: jnp.ndarray) -> jnp.ndarray:
     :attr:`Edges.save_matmuls` (recomputed with the rest of the chunk otherwise)."""
     return checkpoint_name(x, SAVED_MATMUL)
 
+def _block_outer_sum(o: jnp.ndarray, sh: jnp.ndarray, num_nodes: int, block: int) -> jnp.ndarray:
+    """Σ_j o_j ⊗ Y_j over each receiver's block of ``block`` edge slots, as a batched matmul:
+    ``o [C·M, F], sh [C·M, 8]`` -> ``[C, 8, F]`` (no ``[C·M, 8, F]`` array is formed)."""
+    return jnp.einsum("cjf,cjs->csf", o.reshape(num_nodes, block, o.shape[-1]),
+                      sh.reshape(num_nodes, block, sh.shape[-1]))
+
+
+def _attend(v: jnp.ndarray, alpha: jnp.ndarray, width: int) -> jnp.ndarray:
+    """Attended values: ``v [E, P·W']`` (the first channels of the 3F values; head h owns the contiguous channels
+    ``[h·width, (h+1)·width)``), ``alpha [E, H]`` -> ``v`` times each channel's head weight."""
+    n_e, heads = alpha.shape
+    if v.shape[1] == heads * width:
+        return (v.reshape(n_e, heads, width) * alpha[:, :, None]).reshape(v.shape)
+    return v * jnp.repeat(alpha, width, axis=1)[:, :v.shape[1]]
+
+
 class EdgeGeometry(nn.Module):
     """Edge harmonics and radial embedding φ = Bessel(r) · s(r/ρ0) · u_p(r/r_c)."""
 
@@ -150,7 +166,10 @@ class Interaction(nn.Module):
 
         # 2-3. Node projections, fused into one matmul; edge projections per chunk.
         q, k, hx, hv = jnp.split(h @ jnp.concatenate([w_q, w_k, w_x1, w_v1], 1), 4, axis=-1)
-        w_edge = jnp.concatenate([w_a, w_f], axis=1)
+        # The first layer's steerable input is zero: its messages need no o_x part, and a part computed but unused
+        # would leave a zero cotangent times a weight (constant-folded when jitted over fixed parameters, as
+        # jax-md's energy is).
+        parts = 2 if self.first else 3
         keep = None
         if cfg.attention_dropout and not deterministic:  # the mask is drawn whole: numbers don't depend on chunks
             keep = nn.Dropout(cfg.attention_dropout)(jnp.ones((e, heads), t.dtype), deterministic=False)
@@ -168,27 +187,24 @@ class Interaction(nn.Module):
                 alpha = alpha * keep_c[0]
             # 5-6. Values attended per head (contiguous 3F/H blocks), plus the spatial filter.
             vx_j = ec.at_senders(vx)
-            v_j, x_j = vx_j[:, :3 * f], vx_j[:, 3 * f:]
-            o = (v_j.reshape(n_e, heads, 3 * f // heads) * alpha[:, :, None]).reshape(n_e, 3 * f) + filt * x_j
+            o = _attend(vx_j[:, :parts * f], alpha, 3 * f // heads) + filt * vx_j[:, parts * f:]
             if ec.block:
                 # Materialise o and the sender rows once: otherwise XLA fuses their producers into the
                 # [C·M, 8, F] message loop and recomputes them for every one of the 8 rows (measured 15-20 %).
                 o = jax.lax.optimization_barrier(o)
-            o_s, o_d, o_x = o[:, :f], o[:, f:2 * f], o[:, 2 * f:]
+            o_s, o_d = o[:, :f], o[:, f:2 * f]
             # 7. Messages, summed per receiver.
-            if self.first:  # o_x multiplies zero steerables
-                if ec.block:
-                    c, m = ec.num_nodes, ec.block
-                    return ec.aggregate(o_s), jnp.einsum("cjf,cjs->csf", o_d.reshape(c, m, f), sh_c.reshape(c, m, 8))
-                return ec.aggregate(o_s), ec.aggregate(o_d[:, None, :] * sh_c[:, :, None])
-            x_j = ec.at_senders(x_st)
             if ec.block:  # Σ_j o_d Y as a batched matmul; no [C·M, 8, F] message array is formed
                 c, m = ec.num_nodes, ec.block
-                x_j = jax.lax.optimization_barrier(x_j)
-                sum_x = (jnp.einsum("cjf,cjs->csf", o_d.reshape(c, m, f), sh_c.reshape(c, m, 8))
-                         + (o_x.reshape(c, m, 1, f) * x_j.reshape(c, m, 8, f)).sum(1))
+                sum_x = _block_outer_sum(o_d, sh_c, c, m)
+                if not self.first:
+                    x_j = jax.lax.optimization_barrier(ec.at_senders(x_st))
+                    sum_x = sum_x + (o[:, 2 * f:].reshape(c, m, 1, f) * x_j.reshape(c, m, 8, f)).sum(1)
                 return ec.aggregate(o_s), sum_x
-            return ec.aggregate(o_s), ec.aggregate(o_d[:, None, :] * sh_c[:, :, None] + o_x[:, None, :] * x_j)
+            msg = o_d[:, None, :] * sh_c[:, :, None]
+            if not self.first:
+                msg = msg + o[:, None, 2 * f:] * ec.at_senders(x_st)
+            return ec.aggregate(o_s), ec.aggregate(msg)
 
         def scalar_messages(ec: Edges, q_c: jnp.ndarray, t_c: jnp.ndarray, sh_c: jnp.ndarray,
                             *keep_c: jnp.ndarray) -> tuple[jnp.ndarray, ...]:
@@ -206,21 +222,17 @@ class Interaction(nn.Module):
                 alpha = alpha * keep_c[0]
             # Part p of o = v_j (attention of the head that owns each channel) + filter ⊙ x_j.
             o_parts = [ec.at_senders(v_parts[p]) * (alpha @ head_of[p])
-                       + _saved(t_c @ w_f_parts[p]) * ec.at_senders(x_parts[p]) for p in range(2 if self.first else 3)]
+                       + _saved(t_c @ w_f_parts[p]) * ec.at_senders(x_parts[p]) for p in range(parts)]
             o_s, o_d = o_parts[:2]
             if ec.block:
-                c, m = ec.num_nodes, ec.block
-                sum_d = jnp.einsum("cjf,cjs->csf", o_d.reshape(c, m, f), sh_c.reshape(c, m, 8))
+                sum_d = _block_outer_sum(o_d, sh_c, ec.num_nodes, ec.block)
             else:  # Σ_j o_d ⊗ Y by a kernel too: XLA would form it as an [E, 8, F] array
                 sum_d = fused_kernels.outer_sum(o_d, sh_c, ec.kernel_receivers, ec.num_nodes)
             return (ec.aggregate(o_s), sum_d, *o_parts[2:])
 
         edge_local = (t, sh) if keep is None else (t, sh, keep)
         if edges.fused_messages:  # Σ_j o_x X_j by the kernel over the whole graph: no [E, 8, F] gather or scatter
-            # [N, F] parts of the values and invariant filters; the first layer needs no o_x part, and a part
-            # computed but unused would leave a zero cotangent times a weight (constant-folded when jitted over
-            # fixed parameters, as jax-md's energy is).
-            parts = 2 if self.first else 3
+            # [N, F] parts of the values and invariant filters.
             v_parts = jnp.split(jax.nn.silu(hv) @ w_v2[:, :parts * f], parts, axis=1)
             x_parts = jnp.split(jax.nn.silu(hx) @ w_x2[:, :parts * f], parts, axis=1)
             w_f_parts = jnp.split(w_f, 3, axis=1)
@@ -234,7 +246,10 @@ class Interaction(nn.Module):
                     sum_x = sum_x + fused_kernels.gather_sum(o_x[0], x_st, edges.senders, edges.kernel_receivers,
                                                              edges.num_nodes)
         else:
-            vx = jnp.concatenate([jax.nn.silu(hv) @ w_v2, jax.nn.silu(hx) @ w_x2], axis=-1)  # [N, 6F]: one gather
+            w_edge = jnp.concatenate([w_a, w_f[:, :parts * f]], axis=1)
+            # [N, 2·P·F]: values and filters of the senders, gathered once per edge.
+            vx = jnp.concatenate([jax.nn.silu(hv) @ w_v2[:, :parts * f], jax.nn.silu(hx) @ w_x2[:, :parts * f]],
+                                 axis=-1)
             sum_s, sum_x = edges.map_chunks(messages, (q,), edge_local)
         # 8. Density-normalised aggregation.
         inv_density = 1.0 / (1.0 + edges.aggregate(soft_neighbour_terms(phi / cfg.num_rbf, w_density)))

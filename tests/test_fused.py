@@ -247,3 +247,24 @@ def test_chunks_keep_their_matmul_outputs_within_budget_with_the_same_numbers(ti
     assert dots[0] - dots[default] == 3 + 4 + 3, dots
     for key in ("energy", "forces", "stress", "nn_per_layer"):
         np.testing.assert_allclose(out[0][key], out[default][key], rtol=0, atol=1e-12, err_msg=key)
+
+
+@pytest.mark.parametrize("fused_path", [False, True])
+def test_first_layer_skips_the_zero_steerable_messages_with_the_same_numbers(tiny, block_batch, monkeypatch,
+                                                                             fused_path):
+    """Layer 0's steerable input is zero: both paths skip its o_x part (fewer FLOPs), the numbers stay equal."""
+    from geodite_jax import model
+
+    batch, block = block_batch
+    state = tiny.state(jnp.float64)
+    flops, out, original = {}, {}, model.Interaction
+    for skip in (True, False):
+        if not skip:  # every layer built as a later one: layer 0 computes (and multiplies by zero) its o_x part
+            monkeypatch.setattr(model, "Interaction",
+                                lambda config, last, first, name: original(config, last, False, name=name))
+        fn = gd.make_predict_fn(tiny.config, neighbours_per_node=block, chunk_edges=96, fused=fused_path)
+        flops[skip] = jax.jit(fn).lower(state, batch).compile().cost_analysis()["flops"]
+        out[skip] = jax.jit(fn)(state, batch)
+    assert flops[True] < 0.98 * flops[False], flops
+    for key in ("energy", "forces", "stress", "nn_per_layer"):
+        np.testing.assert_allclose(out[True][key], out[False][key], rtol=0, atol=1e-12, err_msg=key)
