@@ -37,7 +37,9 @@ _INV_5 = float(np.float32(1.0 / 5.0))
 #: pass (:func:`saved_matmul_bytes`) instead of recomputing them. Recomputing them is ~20 % of a chunked E+F+S
 #: call with the fused kernels: keeping them made Cu-256 (19,968 edge slots, 383 MB kept) and Si-1000 1.18x
 #: faster, the same numbers to the bit. 512 MiB takes in graphs up to ~28,000 edge slots of Geodite-MP in
-#: float32, so Si-1000 (0.9 GB) and larger cells keep their bounded memory.
+#: float32, so Si-1000 (0.9 GB) and larger cells keep their bounded memory. Counted at float32 size: a float64
+#: evaluation, all of whose arrays are twice as large, keeps the same graphs' outputs (Cu-256 in float64: 1.23x
+#: faster for 0.77 GB), so the two precisions run the same program.
 SAVED_MATMUL_BUDGET_BYTES = 2**29
 
 
@@ -351,8 +353,9 @@ class Geodite(nn.Module):
     about this many edge slots each (``None``: :func:`default_chunk_edges`, larger with the fused kernels;
     ``0``: one pass over the whole graph).
     Memory then grows only with the node state and the per-layer edge state ``[E, F]``; the numbers are the
-    same for any chunk size. Graphs whose chunks' matmul outputs fit :data:`SAVED_MATMUL_BUDGET_BYTES` keep
-    them instead of recomputing them in the backward pass (with the fused kernels; the same numbers).
+    same for any chunk size. Graphs whose chunks' matmul outputs fit :data:`SAVED_MATMUL_BUDGET_BYTES` (at
+    float32 size) keep them instead of recomputing them in the backward pass (with the fused kernels; the same
+    numbers).
 
     ``fused``: contract the sender gathers with the CPU kernels of :mod:`geodite_jax.fused` (receiver-sorted
     edges: the block layout, or the sparse layout with ``sorted_receivers``). ``None``: where they are
@@ -455,7 +458,7 @@ class Geodite(nn.Module):
         edges = Edges(senders, receivers, species.shape[0], neighbours_per_node,
                       sorted_receivers or bool(neighbours_per_node), chunk, exchange, *plan,
                       save_matmuls=bool(chunk and plan[0] and saved_matmul_bytes(
-                          senders.shape[0], cfg, vectors.dtype) <= SAVED_MATMUL_BUDGET_BYTES))
+                          senders.shape[0], cfg, jnp.float32) <= SAVED_MATMUL_BUDGET_BYTES))
         r, sh, phi, rcov_sum = self.geometry(vectors, species, edges)
         per_layer = self._encode(species, sh, phi, edges, deterministic)
         if cfg.vacuum:

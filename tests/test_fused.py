@@ -238,13 +238,16 @@ def test_chunks_keep_their_matmul_outputs_within_budget_with_the_same_numbers(ti
     batch, block = block_batch
     state = tiny.state(jnp.float64)
     out, dots, default = {}, {}, model.SAVED_MATMUL_BUDGET_BYTES
-    for budget in (default, 0):
+    # Counted at float32 size: this float64 evaluation keeps its outputs within a budget of half their bytes.
+    f32_size = model.saved_matmul_bytes(batch.senders.shape[0], tiny.config, jnp.float32)
+    for budget in (default, f32_size, 0):
         monkeypatch.setattr(model, "SAVED_MATMUL_BUDGET_BYTES", budget)
         fn = gd.make_predict_fn(tiny.config, neighbours_per_node=block, chunk_edges=96, fused=True)
         dots[budget] = _count_dots(jax.make_jaxpr(fn)(state, batch).jaxpr)
         out[budget] = jax.jit(fn)(state, batch)
     # Kept: the backward pass recomputes none of the tagged products: 3 + 4 in the messages, 3 in the edge update.
     assert dots[0] - dots[default] == 3 + 4 + 3, dots
+    assert dots[f32_size] == dots[default], dots
     for key in ("energy", "forces", "stress", "nn_per_layer"):
         np.testing.assert_allclose(out[0][key], out[default][key], rtol=0, atol=1e-12, err_msg=key)
 
