@@ -93,6 +93,7 @@ def test_config_validation(kwargs, message):
         gd.GeoditeConfig.preset("huge")
 
 
+@pytest.mark.slow  # default-suite time (CI 15 min on the slowest 2-vCPU hosts)
 def test_initial_weights_do_not_depend_on_x64_mode():
     """x64 is on in the test session; a float32 process must draw the same weights from the same seed."""
     import subprocess

@@ -31,7 +31,7 @@ def predict(pot, batch, block, chunk_edges, **kwargs):
     return fn(pot.state(jnp.float64), batch, **kwargs)
 
 
-@pytest.mark.parametrize("nodes_per_chunk", [1, 5])
+@pytest.mark.parametrize("nodes_per_chunk", [pytest.param(1, marks=pytest.mark.slow), 5])  # 1: -m slow (suite time)
 def test_chunked_equals_one_pass_in_float64(tiny, block_batch, nodes_per_chunk):
     batch, block = block_batch
     chunk = chunk_nodes(17, block, nodes_per_chunk * block)

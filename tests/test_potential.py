@@ -68,6 +68,7 @@ def test_params_that_do_not_fit_the_config_are_refused(tiny):
         gd.Potential(gd.GeoditeConfig.preset("mp"), tiny.params)
 
 
+@pytest.mark.slow  # default-suite time; the parity tests run both precisions against the reference
 def test_float32_default_and_float64_agree(tiny):
     atoms = bulk("Si", "diamond", a=5.43)
     atoms.rattle(0.05, seed=2)

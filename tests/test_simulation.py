@@ -43,7 +43,8 @@ def _to_input_frame(system, forces, stress):
     return np.asarray(forces) @ rot, rot.T @ np.asarray(stress) @ rot
 
 
-@pytest.mark.parametrize("fmt", ["dense", "sparse"])
+# dense: -m slow (default-suite time); the sparse format and the front-door test run by default.
+@pytest.mark.parametrize("fmt", [pytest.param("dense", marks=pytest.mark.slow), "sparse"])
 def test_jaxmd_matches_calculator_triclinic(pot, fmt):
     """Energy, forces and stress of the jax-md path equal GeoditeCalculator's on a skewed, rotated cell."""
     atoms = bulk("NaCl", "rocksalt", a=5.64).repeat(4)  # primitive fcc cell: triclinic, 128 atoms
