@@ -57,6 +57,7 @@ def _saved(x: jnp.ndarray) -> jnp.ndarray:
     :attr:`Edges.save_matmuls` (recomputed with the rest of the chunk otherwise)."""
     return checkpoint_name(x, SAVED_MATMUL)
 
+
 def _block_outer_sum(o: jnp.ndarray, sh: jnp.ndarray, num_nodes: int, block: int) -> jnp.ndarray:
     """Σ_j o_j ⊗ Y_j over each receiver's block of ``block`` edge slots, as a batched matmul:
     ``o [C·M, F], sh [C·M, 8]`` -> ``[C, 8, F]`` (no ``[C·M, 8, F]`` array is formed)."""
@@ -172,6 +173,9 @@ class Interaction(nn.Module):
         # would leave a zero cotangent times a weight (constant-folded when jitted over fixed parameters, as
         # jax-md's energy is).
         parts = 2 if self.first else 3
+        # [N, P·F] values and invariant filters of the message parts this layer uses.
+        v_nodes = jax.nn.silu(hv) @ w_v2[:, :parts * f]
+        x_nodes = jax.nn.silu(hx) @ w_x2[:, :parts * f]
         keep = None
         if cfg.attention_dropout and not deterministic:  # the mask is drawn whole: numbers don't depend on chunks
             keep = nn.Dropout(cfg.attention_dropout)(jnp.ones((e, heads), t.dtype), deterministic=False)
@@ -234,9 +238,7 @@ class Interaction(nn.Module):
 
         edge_local = (t, sh) if keep is None else (t, sh, keep)
         if edges.fused_messages:  # Σ_j o_x X_j by the kernel over the whole graph: no [E, 8, F] gather or scatter
-            # [N, F] parts of the values and invariant filters.
-            v_parts = jnp.split(jax.nn.silu(hv) @ w_v2[:, :parts * f], parts, axis=1)
-            x_parts = jnp.split(jax.nn.silu(hx) @ w_x2[:, :parts * f], parts, axis=1)
+            v_parts, x_parts = jnp.split(v_nodes, parts, axis=1), jnp.split(x_nodes, parts, axis=1)  # [N, F] each
             w_f_parts = jnp.split(w_f, 3, axis=1)
             # head_of[p] [H, F]: one-hot of the head that owns channel p·F + c of the 3F attended values.
             owner = np.arange(3 * f) // (3 * f // heads)
@@ -249,9 +251,7 @@ class Interaction(nn.Module):
                                                              edges.num_nodes)
         else:
             w_edge = jnp.concatenate([w_a, w_f[:, :parts * f]], axis=1)
-            # [N, 2·P·F]: values and filters of the senders, gathered once per edge.
-            vx = jnp.concatenate([jax.nn.silu(hv) @ w_v2[:, :parts * f], jax.nn.silu(hx) @ w_x2[:, :parts * f]],
-                                 axis=-1)
+            vx = jnp.concatenate([v_nodes, x_nodes], axis=-1)  # [N, 2·P·F]: one sender gather for both
             sum_s, sum_x = edges.map_chunks(messages, (q,), edge_local)
         # 8. Density-normalised aggregation.
         inv_density = 1.0 / (1.0 + edges.aggregate(soft_neighbour_terms(phi / cfg.num_rbf, w_density)))
