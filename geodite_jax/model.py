@@ -9,7 +9,6 @@ Symbols follow the design note (``docs/geodite_paper.md``), §3.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -481,21 +480,14 @@ class Geodite(nn.Module):
 def init_params(config: GeoditeConfig, seed: int = 0) -> dict[str, Any]:
     """Fresh parameters (float32) for ``config``, initialised as the authors' code does.
 
-    Jitted, once per config (:func:`_jitted_init`): run op by op, the init would compile and keep an executable
-    per operation of the model (Geodite-MP: 0.3 GB more resident memory for the rest of the process, and 1.7x
-    the time). The same parameters either way.
+    Jitted: run op by op, the init would compile and keep an executable per operation of the model (Geodite-MP:
+    0.3 GB more resident memory for the rest of the process, and 1.7x the time). The same parameters either way.
     """
+    model = Geodite(config)
     vectors = jnp.asarray(np.array([[1.5, 0.0, 0.0], [-1.5, 0.0, 0.0]]), jnp.float32)
     species = jnp.asarray([1, 1], jnp.int32)
     idx = jnp.asarray([0, 1], jnp.int32)
-    return _jitted_init(config)(jax.random.PRNGKey(seed), vectors, species, idx, idx[::-1])
-
-
-@functools.lru_cache(maxsize=8)
-def _jitted_init(config: GeoditeConfig) -> Callable[..., Any]:
-    """``jax.jit(Geodite(config).init)``, kept so that later inits of the same config (other seeds) reuse its
-    compilation."""
-    return jax.jit(Geodite(config).init)
+    return jax.jit(model.init)(jax.random.PRNGKey(seed), vectors, species, idx, idx[::-1])
 
 
 def count_params(params: Any) -> int:
