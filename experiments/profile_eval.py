@@ -94,12 +94,16 @@ def main() -> None:
     ap.add_argument("--preset", default="mp")
     ap.add_argument("--chunk-edges", type=int, default=None, help="edge slots per chunk (default: the model's)")
     ap.add_argument("--calls", type=int, default=2)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     ap.add_argument("--top", type=int, default=0, help="also list the N most expensive ops")
     ap.add_argument("--out", default=None, help="JSON file for the breakdown")
     args = ap.parse_args()
     os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads=2")
 
     import jax
+
+    if args.dtype == "float64":
+        jax.config.update("jax_enable_x64", True)
     import jax.numpy as jnp
     import numpy as np
     from ase.build import bulk
@@ -111,12 +115,13 @@ def main() -> None:
     atoms = bulk(symbol, crystal, a=a, cubic=True).repeat(rep)
     atoms.rattle(0.05, seed=42)
     pot = gd.Potential.init(gd.GeoditeConfig.preset(args.preset), seed=0)
-    graph = gd.atoms_to_graph(atoms, pot.config.cutoff, pot.config.num_elements, np.float32)
+    graph = gd.atoms_to_graph(atoms, pot.config.cutoff, pot.config.num_elements, np.dtype(args.dtype))
     block = gd.bucket(gd.max_degree([graph]), 8, 2, growth=1.05)
     batch = jax.tree_util.tree_map(jnp.asarray, gd.batch_graphs(
         [graph], gd.bucket(len(atoms) + 1, 8, 8, growth=1.1), None, 2, neighbours_per_node=block))
     predict = jax.jit(gd.make_predict_fn(pot.config, neighbours_per_node=block, chunk_edges=args.chunk_edges))
-    state, vacuum = pot.state(jnp.float32), pot.vacuum_energies(jnp.float32)
+    dtype = jnp.dtype(args.dtype)
+    state, vacuum = pot.state(dtype), pot.vacuum_energies(dtype)
     compiled = predict.lower(state, batch, vacuum).compile()
     table = classify_instructions(compiled.as_text())
     jax.block_until_ready(compiled(state, batch, vacuum))
@@ -148,7 +153,7 @@ def main() -> None:
                 per_op[event.name] += event.duration_ns / 1e9 / args.calls
     op_total = sum(totals.values())
     n_edges = int(graph.n_edge[0])
-    print(f"# {args.structure} ({len(atoms)} atoms, {n_edges} edges, block {block}), {args.preset} float32, "
+    print(f"# {args.structure} ({len(atoms)} atoms, {n_edges} edges, block {block}), {args.preset} {args.dtype}, "
           f"chunk_edges={args.chunk_edges}: {wall:.3f} s per E+F+S call under the profiler, summed op time "
           f"{op_total:.3f} s (2 threads), unmatched events {unmatched / 1e9 / args.calls:.3f} s\n")
     by_block: dict[str, dict[str, float]] = collections.defaultdict(lambda: collections.defaultdict(float))
