@@ -68,15 +68,3 @@ def keep_freed_memory() -> bool:
 
 
 APPLIED = keep_freed_memory()
-
-
-def release_free_memory() -> bool:
-    """Hand the heap's free pages back to the kernel (glibc's ``malloc_trim(0)``), where the settings above apply:
-    for after a large one-off job such as a compilation, whose freed memory the trim threshold would otherwise
-    keep resident. True if it ran."""
-    libc = _glibc() if APPLIED else None
-    if libc is None:
-        return False
-    libc.malloc_trim.argtypes = [ctypes.c_size_t]
-    libc.malloc_trim(0)
-    return True

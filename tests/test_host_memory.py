@@ -63,37 +63,3 @@ def test_freed_memory_is_reused_without_page_faults_unless_opted_out():
     assert not applied
     if not _thp_always():  # with 4 KiB pages glibc's defaults fault every page in again (the cost avoided above)
         assert faults > pages // 2, faults
-
-
-# Fresh process: a touched-then-freed 256 MiB block stays resident (the settings keep it) until
-# release_free_memory() hands it back. Prints the resident MiB before and after the release.
-RELEASE_PROBE = """
-import ctypes, ctypes.util
-import geodite_jax
-from geodite_jax import host_memory
-libc = ctypes.CDLL(ctypes.util.find_library("c"))
-libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
-rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096 >> 20
-keep = libc.malloc(1 << 20)
-block = libc.malloc(256 << 20)
-top = libc.malloc(1 << 20)  # above the block: the heap cannot simply shrink
-ctypes.memset(block, 1, 256 << 20)
-libc.free(block)
-before = rss()
-assert host_memory.release_free_memory() == host_memory.APPLIED
-print(host_memory.APPLIED, before, rss())
-"""
-
-
-@pytest.mark.skipif(sys.platform != "linux" or not ctypes.util.find_library("c"), reason="glibc settings: Linux only")
-def test_release_free_memory_hands_kept_pages_back():
-    from geodite_jax.host_memory import _glibc
-
-    if _glibc() is None:
-        pytest.skip("the C library is not glibc: geodite_jax leaves the allocator as it is")
-    environ = {k: v for k, v in os.environ.items() if k != "GEODITE_MALLOC"}
-    environ["JAX_PLATFORMS"] = "cpu"
-    out = subprocess.run([sys.executable, "-c", RELEASE_PROBE], env=environ, capture_output=True, text=True, check=True)
-    applied, before, after = out.stdout.split()
-    assert applied == "True"
-    assert int(before) - int(after) > 200, f"resident {before} MiB before the release, {after} MiB after"
